@@ -1,0 +1,348 @@
+"""Turning a plain model into its LTE form, and back.
+
+    head = parameterize_head(model, cfg, head=3)   # one worker's model: one head, q(W)
+    stacked = parameterize(model, cfg)             # all N heads in one model (fused engine)
+    plain_state = stacked.export_plain_state()     # loads into the original architecture
+
+Every parameter of the plain model becomes exactly one of:
+- LoRA: the weight of an `nn.Linear` (after `convert.prepare`, which also turns patch convs
+  and nn.MultiheadAttention into Linears). The weight becomes the frozen base W; A and B train.
+- replica: a tensor each head trains its own copy of and the merge averages — biases, kept
+  norm affines, embeddings and token-like tensors (positional embedding, class token: leading
+  dimension 1). Replicating a matrix would defeat LTE, so any other ≥2-D parameter is refused.
+Building fails with `ParameterizeError` naming the parameter if one is neither.
+
+Head n's A matrices are drawn from a generator seeded by (seed, n), layer after layer in module
+order, so the one-head model of head n and head n of the stacked model start identical.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import rng
+from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
+from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear
+from .quant import check_format
+
+
+class ParameterizeError(ValueError):
+    """A model cannot be put in LTE form; the message names the parameter."""
+
+
+@dataclass(frozen=True)
+class LTEConfig:
+    heads: int = 4
+    rank: int = 8
+    alpha: float = 64.0
+    variant: str = "exact"
+    init: str = "orthogonal"
+    quant: str = "none"
+    keep_norm_affine: bool = False
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.heads, int) or self.heads <= 0:
+            raise ValueError(f"lte.heads must be a positive integer, got {self.heads!r}")
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"lte.rank must be a positive integer, got {self.rank!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"lte.alpha must be > 0, got {self.alpha!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"lte.variant={self.variant!r} is not one of {', '.join(VARIANTS)}")
+        if self.init not in INITS:
+            raise ValueError(f"lte.init={self.init!r} is not one of {', '.join(INITS)}")
+        check_format(self.quant)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# ------------------------------------------------------------------------- classification
+@dataclass
+class Plan:
+    """Where every parameter of a prepared plain model goes."""
+
+    lora: list[str]  # module names of the Linears that get LoRA
+    replicas: dict[str, tuple[int, ...]]  # parameter name -> shape
+    record: PrepareRecord
+
+
+def plan(model: nn.Module, keep_norm_affine: bool = False) -> Plan:
+    """Prepare `model` in place and decide, for every parameter, LoRA or replica."""
+    record = prepare(model, keep_norm_affine)
+    lora = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    lora_weights = {f"{n}.weight" for n in lora}
+    modules = dict(model.named_modules())
+    replicas = {}
+    for name, p in model.named_parameters():
+        if name in lora_weights:
+            continue
+        owner = modules[name.rpartition(".")[0]]
+        if p.ndim <= 1 or isinstance(owner, (nn.Embedding, *NORM_TYPES)) or p.shape[0] == 1:
+            replicas[name] = tuple(p.shape)
+            continue
+        raise ParameterizeError(
+            f"parameter {name!r} (shape {tuple(p.shape)}, in {type(owner).__name__}) is neither LoRA "
+            "nor replica: LTE puts LoRA on nn.Linear and patch-embedding Conv2d (kernel == stride) "
+            "only, and replicates only biases, norm affines, embeddings and token-like tensors. "
+            "Replace that layer with Linears, or freeze it out of the model."
+        )
+    return Plan(lora, replicas, record)
+
+
+def _split(name: str) -> tuple[str, str]:
+    owner, _, attr = name.rpartition(".")
+    return owner, attr
+
+
+def accounting(model: "HeadLTE | StackedLTE") -> dict[str, int]:
+    """Parameter counts by role: trainable LoRA factors and replicas, the frozen base (m·n per
+    LoRA layer), and trainable tensors that are neither ('unaccounted', must be 0)."""
+    lora = {id(p) for l in model.lora_layers().values() for p in (l.lora_A, l.lora_B)}
+    replica = {id(p) for p in model.parameters() if getattr(p, "_lte_replica", False)}
+    counts = {"lora": 0, "replica": 0, "unaccounted": 0}
+    for p in model.parameters():
+        role = "lora" if id(p) in lora else "replica" if id(p) in replica else "unaccounted"
+        if role != "unaccounted" or p.requires_grad:
+            counts[role] += p.numel()
+    counts["base"] = sum(l.in_features * l.out_features for l in model.lora_layers().values())
+    return counts
+
+
+# ------------------------------------------------------------------------------- one head
+class HeadLTE(nn.Module):
+    """One worker's model: head `head` of the LTE model, base held in `cfg.quant` format.
+
+    State that travels (all keyed by names in the prepared model):
+      base_state():  "<linear>.base.<part>" quantized base tensors (server -> worker)
+      head_state():  "<linear>.lora_A/.lora_B", replicas by name; with_corr adds corr_A/corr_B
+    """
+
+    def __init__(self, model: nn.Module, cfg: LTEConfig, head: int):
+        super().__init__()
+        if not 0 <= head < cfg.heads:
+            raise ValueError(f"head {head} is out of range for lte.heads={cfg.heads}")
+        self.cfg, self.head = cfg, head
+        net = copy.deepcopy(model)
+        self.plan = plan(net, cfg.keep_norm_affine)
+        gen = rng.torch_generator(cfg.seed, rng.INIT, head)
+        for name in self.plan.lora:
+            layer = LoRALinear(net.get_submodule(name), cfg.rank, cfg.alpha, variant=cfg.variant,
+                               init=cfg.init, quant=cfg.quant, generator=gen)
+            _set(net, name, layer)
+        for name in self.plan.replicas:
+            p = net.get_parameter(name)
+            p._lte_replica = True
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+    def lora_layers(self) -> dict[str, LoRALinear]:
+        return {n: self.net.get_submodule(n) for n in self.plan.lora}
+
+    def base_state(self) -> dict[str, torch.Tensor]:
+        return {f"{n}.base.{k}": t for n, l in self.lora_layers().items() for k, t in l.base.parts().items()}
+
+    def load_base_state(self, state: dict[str, torch.Tensor]) -> None:
+        for n, layer in self.lora_layers().items():
+            layer.base.set_parts({k: state[f"{n}.base.{k}"] for k in layer.base.parts()})
+
+    def head_state(self, with_corr: bool = False) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, layer in self.lora_layers().items():
+            out[f"{n}.lora_A"], out[f"{n}.lora_B"] = layer.lora_A.detach(), layer.lora_B.detach()
+            if with_corr and layer.corr_A is not None:
+                out[f"{n}.corr_A"], out[f"{n}.corr_B"] = layer.corr_A, layer.corr_B
+        out.update(self.replica_state())
+        return out
+
+    def replica_state(self) -> dict[str, torch.Tensor]:
+        return {n: self.net.get_parameter(n).detach() for n in self.plan.replicas}
+
+    @torch.no_grad()
+    def load_head_state(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        own = dict(self.net.named_parameters()) | dict(self.net.named_buffers())
+        for k, t in state.items():
+            if k not in own:
+                if strict:
+                    raise KeyError(f"unknown head-state key {k!r}")
+                continue
+            own[k].copy_(t)
+
+    def commit_merge(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.commit_merge()
+
+
+# ---------------------------------------------------------------------------------- stacked
+class _StackedAffineNorm(nn.Module):
+    """A norm whose kept affine is per head: weight, bias (N, D) applied to each head's slice."""
+
+    def __init__(self, norm: nn.LayerNorm, heads: int):
+        super().__init__()
+        if not isinstance(norm, nn.LayerNorm):
+            raise ParameterizeError(
+                f"{type(norm).__name__} with a kept affine cannot be stacked per head; "
+                "set lte.keep_norm_affine=false or use run.engine=flower"
+            )
+        self.heads, self.mode = heads, "split"
+        w, b = norm.weight, norm.bias
+        self.norm = nn.LayerNorm(norm.normalized_shape, eps=norm.eps, elementwise_affine=False)
+        self.weight = None if w is None else nn.Parameter(w.detach().expand(heads, *w.shape).clone())
+        self.bias = None if b is None else nn.Parameter(b.detach().expand(heads, *b.shape).clone())
+
+    def forward(self, x):
+        y = self.norm(x)
+        if self.mode == "sum":
+            w = None if self.weight is None else self.weight.mean(0)
+            b = None if self.bias is None else self.bias.mean(0)
+        else:
+            y = y.reshape(self.heads, -1, *self.norm.normalized_shape)
+            w = None if self.weight is None else self.weight[:, None]
+            b = None if self.bias is None else self.bias[:, None]
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y.reshape(x.shape)
+
+
+class StackedLTE(nn.Module):
+    """All N heads in one model (fused engine). A batch of N·b samples is N slices, head n
+    training on slice n; the base matmul of every Linear runs once for the whole batch.
+
+    Token-like replicas (leading dim 1, e.g. pos_embed, cls_token) are held as (N, *shape)
+    parameters named "<name>_heads" and expanded to one copy per sample before each forward.
+    `mode = "sum"` runs the model as multi-head LoRA (paper eq. 2) instead: every sample sees
+    all heads, replicas are the mean of their copies.
+    """
+
+    def __init__(self, model: nn.Module, cfg: LTEConfig):
+        super().__init__()
+        self.cfg = cfg
+        N = cfg.heads
+        net = copy.deepcopy(model)
+        self.plan = plan(net, cfg.keep_norm_affine)
+        gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in range(N)]
+        for name in self.plan.lora:
+            layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
+                                      init=cfg.init, quant=cfg.quant, generators=gens)
+            _set(net, name, layer)
+        self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas
+        for name, shape in self.plan.replicas.items():
+            owner_name, attr = _split(name)
+            owner = net.get_submodule(owner_name)
+            if isinstance(owner, (StackedLoRALinear, _StackedAffineNorm)):
+                continue  # biases live in the stacked layer; the norm's other affine is done
+            if isinstance(owner, NORM_TYPES):
+                _set(net, owner_name, _StackedAffineNorm(owner, N))
+                continue
+            if not shape or shape[0] != 1:
+                raise ParameterizeError(
+                    f"replica {name!r} (shape {shape}) has no leading batch dimension of 1, so the "
+                    "fused engine cannot give each head its own copy; use run.engine=flower"
+                )
+            p = owner._parameters.pop(attr)
+            owner.register_parameter(f"{attr}_heads", nn.Parameter(p.detach().expand(N, *shape).clone()))
+            setattr(owner, attr, p.detach())  # a plain attribute, replaced before each forward
+            self._slots.append((owner_name, attr))
+        self.net = net
+        self.mode = "split"
+        for p in self.replica_params().values():
+            p._lte_replica = True
+
+    # --- running
+    def set_mode(self, mode: str) -> None:
+        if mode not in ("split", "sum"):
+            raise ValueError(mode)
+        self.mode = mode
+        for m in self.net.modules():
+            if isinstance(m, (StackedLoRALinear, _StackedAffineNorm)):
+                m.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        N = self.cfg.heads
+        if self.mode == "split" and x.shape[0] % N:
+            raise ValueError(f"batch of {x.shape[0]} does not split into {N} heads")
+        for owner_name, attr in self._slots:
+            owner = self.net.get_submodule(owner_name)
+            stacked = owner.get_parameter(f"{attr}_heads")  # (N, 1, ...)
+            if self.mode == "sum":
+                value = stacked.mean(0)
+            else:
+                b = x.shape[0] // N
+                value = stacked.expand(N, b, *stacked.shape[2:]).reshape(N * b, *stacked.shape[2:])
+            setattr(owner, attr, value)
+        return self.net(x)
+
+    def lora_layers(self) -> dict[str, StackedLoRALinear]:
+        return {n: self.net.get_submodule(n) for n in self.plan.lora}
+
+    def replica_params(self) -> dict[str, nn.Parameter]:
+        """Replica name (as in the plain model) -> its stacked (N, *shape) parameter."""
+        out = {}
+        for name in self.plan.replicas:
+            owner_name, attr = _split(name)
+            owner = self.net.get_submodule(owner_name)
+            out[name] = owner.get_parameter(attr if isinstance(owner, (StackedLoRALinear, _StackedAffineNorm)) else f"{attr}_heads")
+        return out
+
+    def head_params(self) -> list[nn.Parameter]:
+        """Every trainable parameter; each has the heads as its leading dimension."""
+        return [*(p for l in self.lora_layers().values() for p in (l.lora_A, l.lora_B)), *self.replica_params().values()]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        for layer in self.lora_layers().values():
+            layer.merge()  # also averages its bias
+        for name, p in self.replica_params().items():
+            if not isinstance(self.net.get_submodule(_split(name)[0]), StackedLoRALinear):
+                p.copy_(p.mean(0, keepdim=True).expand_as(p))
+
+    # --- state
+    def head_state(self, n: int, with_corr: bool = False) -> dict[str, torch.Tensor]:
+        """Head n's state in the same layout as `HeadLTE.head_state`."""
+        out = {}
+        for name, l in self.lora_layers().items():
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = l.lora_A[n].detach(), l.lora_B[n].detach()
+            if with_corr and l.corr_A is not None:
+                out[f"{name}.corr_A"], out[f"{name}.corr_B"] = l.corr_A[n], l.corr_B[n]
+        for name, p in self.replica_params().items():
+            out[name] = p[n].detach().reshape(self.plan.replicas[name])
+        return out
+
+    @torch.no_grad()
+    def plain_state(self) -> dict[str, torch.Tensor]:
+        """The prepared plain model's state as it would be after a merge now (nothing changes)."""
+        out = {}
+        for name, l in self.lora_layers().items():
+            out[f"{name}.weight"] = l.merged_weight().clone()
+        for name, p in self.replica_params().items():
+            out[name] = p.mean(0).reshape(self.plan.replicas[name]).clone()
+        return out
+
+    def export_plain_state(self) -> dict[str, torch.Tensor]:
+        """The merged plain model (no LoRA), keyed and shaped for the original architecture."""
+        return to_original_state(self.plan.record, self.plain_state())
+
+
+def _set(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def parameterize(model: nn.Module, cfg: LTEConfig) -> StackedLTE:
+    """All N heads of `model` in one stacked model (a copy; `model` is not changed)."""
+    return StackedLTE(model, cfg)
+
+
+def parameterize_head(model: nn.Module, cfg: LTEConfig, head: int) -> HeadLTE:
+    """Head `head` of `model` for one worker (a copy; `model` is not changed)."""
+    return HeadLTE(model, cfg, head)

@@ -1,0 +1,116 @@
+"""Model registry: builders return the plain model (parameterizing for LTE is separate).
+
+    model = build_model("vit_small", num_classes=100, img_size=224, in_chans=3, seed=0)
+
+Every builder takes the same explicit arguments; the weights are drawn from a generator seeded
+by `seed` (timm and torchvision draw from the global RNG, so the build runs inside a forked,
+seeded RNG and leaves the caller's RNG untouched).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from . import rng
+
+
+class Builder(Protocol):
+    def __call__(self, *, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module: ...
+
+
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    def add(fn: Builder) -> Builder:
+        _REGISTRY[name] = fn
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, *, num_classes: int, img_size: int, in_chans: int, patch_size: int | None = None,
+                seed: int = 0) -> nn.Module:
+    if name not in _REGISTRY:
+        raise ValueError(f"model.name={name!r} is unknown; available: {', '.join(list_models())}")
+    if patch_size is not None and img_size % patch_size:
+        raise ValueError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(rng.derive_seed(seed, rng.MODEL))
+        return _REGISTRY[name](num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
+
+
+# ---------------------------------------------------------------------------------- timm ViT
+def _timm_vit(*, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, default_patch: int):
+    def build(*, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module:
+        from timm.models.vision_transformer import VisionTransformer
+
+        return VisionTransformer(
+            img_size=img_size, patch_size=patch_size or default_patch, in_chans=in_chans, num_classes=num_classes,
+            embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_token=True,
+            global_pool="token",
+        )
+
+    return build
+
+
+# Paper table 2 sizes (patch 32 at 224 px); `vit_digits` is sized for 8x8 digits (patch 2).
+register_model("vit_digits")(_timm_vit(embed_dim=64, depth=4, num_heads=4, mlp_ratio=2.0, default_patch=2))
+register_model("vit_tiny")(_timm_vit(embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, default_patch=32))
+register_model("vit_small")(_timm_vit(embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, default_patch=32))
+register_model("vit_base")(_timm_vit(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, default_patch=32))
+
+
+# ------------------------------------------------------------------------------ timm Mixer
+def _timm_mixer(*, embed_dim: int, num_blocks: int, default_patch: int):
+    def build(*, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module:
+        from timm.models.mlp_mixer import MlpMixer
+
+        return MlpMixer(
+            num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size or default_patch,
+            num_blocks=num_blocks, embed_dim=embed_dim, mlp_ratio=(0.5, 4.0),
+        )
+
+    return build
+
+
+# Paper table 3 sizes; `mixer_digits` for 8x8 digits.
+register_model("mixer_digits")(_timm_mixer(embed_dim=64, num_blocks=4, default_patch=2))
+register_model("mixer_tiny")(_timm_mixer(embed_dim=384, num_blocks=6, default_patch=32))
+register_model("mixer_small")(_timm_mixer(embed_dim=512, num_blocks=8, default_patch=32))
+register_model("mixer_base")(_timm_mixer(embed_dim=768, num_blocks=12, default_patch=32))
+
+
+# ------------------------------------------------------------------------ torchvision ViT
+def _tv_vit(*, hidden_dim: int, num_layers: int, num_heads: int, mlp_dim: int, default_patch: int):
+    def build(*, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module:
+        from torchvision.models.vision_transformer import VisionTransformer
+
+        if in_chans != 3:
+            raise ValueError("torchvision's ViT takes 3-channel images (model.in_chans=3)")
+        return VisionTransformer(
+            image_size=img_size, patch_size=patch_size or default_patch, num_layers=num_layers,
+            num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes,
+        )
+
+    return build
+
+
+register_model("tv_vit_digits")(_tv_vit(hidden_dim=64, num_layers=4, num_heads=4, mlp_dim=128, default_patch=2))
+register_model("tv_vit_small")(_tv_vit(hidden_dim=384, num_layers=12, num_heads=6, mlp_dim=1536, default_patch=32))
+register_model("tv_vit_base")(_tv_vit(hidden_dim=768, num_layers=12, num_heads=12, mlp_dim=3072, default_patch=32))
+
+
+# ------------------------------------------------------------------------------------ MLP
+@register_model("mlp")
+def _mlp(*, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module:
+    """A small MLP on flattened images: quick tests and synthetic data."""
+    d = in_chans * img_size * img_size
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, 64), nn.LayerNorm(64), nn.GELU(), nn.Linear(64, num_classes))
