@@ -1,0 +1,203 @@
+"""Per-device memory of one LTE client next to full-model AdamW training (paper §4.5).
+
+The paper's accounting: a DDP device holds the model M plus 2M of AdamW state (3M, gradients
+left out); an LTE device holds the quantized base qM plus 3·M_lte (head + AdamW state). Here
+every term is in bytes and explicit, with gradients and activations added, because on a real
+device those are what decides whether a job fits:
+
+    LTE client  = base q(W) + head (A, B [+ V_A, V_B for `exact`] + replicas)
+                + AdamW (2 × trainable) + dequant buffer + max(activations, grads)
+    full AdamW  = weights (fp32) + AdamW (2 × P) + max(activations, grads (1 × P))
+
+Why max(activations, grads) and not their sum: backward frees each layer's saved activations
+as it produces that layer's gradients, and `zero_grad(set_to_none=True)` (the default) drops
+the gradients before the next forward, so the two never coexist in full. The peak is at the
+start of backward (all activations) or at the optimizer step (all gradients), whichever is
+larger. The measured peaks of `benchmarks/memory_probe.py` confirm it (full ViT-B: the sum
+overestimates by ~22%, the max is within 2%).
+
+Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exactly:
+    nf4/fp4: ceil(m·n / 2) packed + 4 · ceil(m·n / 64) absmax (fp32, one per 64-block)
+    int8:    m·n + 4 · m  (fp32 absmax per row)
+    none:    4 · m·n
+The dequant buffer is one fp32 copy of the largest Linear (the forward and the input-gradient
+rebuild W on the fly, one layer at a time).
+
+Activation model (fp32, what autograd saves for backward, transformer-like nets):
+    act = batch · tokens · width · depth · ACT_FLOATS_PER_TOKEN · 4 bytes
+          + LTE only: batch · tokens · rank · (#LoRA Linears) · k · 4 bytes,  k = 2 exact / 1 reset
+Counting the tensors a timm ViT block saves gives 17 floats per token·width (LN inputs 2,
+Linear inputs 1+1+1+4, attention q/k/v/out 4, GELU input 4); the LoRA path adds `A x` (and
+`V_A x` for exact) of width r per Linear. The constant is that count, not a fit; the probe
+(ViT-B/32, 224 px, CPU) measured what it predicts (see ACT_FLOATS_PER_TOKEN). Attention scores are not counted: the
+fused SDPA kernels (CPU flash, CUDA flash/efficient) never store the tokens² matrix.
+
+Nothing on a client depends on the number of heads N: a client holds one head.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .quant import BLOCKSIZE_4BIT, check_format
+
+if TYPE_CHECKING:
+    from .lte import LTEConfig
+
+FP32 = 4
+# Saved-for-backward floats per token per unit of width per block: 17 by counting (docstring).
+# Checked, not fitted: in the probe's ViT-B/32 runs (batch 16, CPU) measured peak minus the
+# resident terms came out at 18.0 (full) and 17.5 (LTE client) floats per token·width·block;
+# the little left over is transient buffers the count of saved tensors does not include.
+ACT_FLOATS_PER_TOKEN = 17.0
+
+# Generic family ladders (width, depth, attention heads) for `largest_fitting`; sizes past the
+# registered ones follow the ViT paper (L, H) and are built directly with timm's class.
+VIT_SIZES = {
+    "vit_tiny": (192, 12, 3), "vit_small": (384, 12, 6), "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16), "vit_huge": (1280, 32, 16),
+}
+FAMILIES = {
+    "vit": list(VIT_SIZES),
+    "mixer": ["mixer_tiny", "mixer_small", "mixer_base"],
+    "tv_vit": ["tv_vit_small", "tv_vit_base"],
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know about a model (no weights)."""
+
+    name: str
+    linears: tuple[tuple[int, int], ...]  # (out, in) of every Linear that gets LoRA
+    replica_elems: int  # trainable non-LoRA elements of one head (biases, pos_embed, ...)
+    full_params: int  # parameters of the plain model (full training trains all of them)
+    tokens: int  # tokens per sample the blocks see
+    width: int
+    depth: int
+
+
+def _build_meta(name: str, img_size: int, num_classes: int, patch_size: int | None) -> nn.Module:
+    """The plain model on the meta device: shapes only, no memory, no init cost."""
+    from .models import build_model, list_models
+
+    if name in VIT_SIZES and name not in list_models():
+        from timm.models.vision_transformer import VisionTransformer
+
+        width, depth, heads = VIT_SIZES[name]
+        return VisionTransformer(img_size=img_size, patch_size=patch_size or 32, in_chans=3,
+                                 num_classes=num_classes, embed_dim=width, depth=depth, num_heads=heads,
+                                 class_token=True, global_pool="token")
+    return build_model(name, num_classes=num_classes, img_size=img_size, in_chans=3, patch_size=patch_size)
+
+
+def _geometry(model: nn.Module) -> tuple[int, int, int]:
+    """(tokens, width, depth) of the residual stream, read off the known architectures."""
+    if hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm ViT
+        return model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim, len(model.blocks)
+    if hasattr(model, "blocks") and hasattr(model, "stem"):  # timm Mixer
+        return model.stem.num_patches, model.embed_dim, len(model.blocks)
+    if hasattr(model, "encoder") and hasattr(model, "seq_length"):  # torchvision ViT
+        return model.seq_length, model.hidden_dim, len(model.encoder.layers)
+    widest = max(m.in_features for m in model.modules() if isinstance(m, nn.Linear))
+    return 1, widest, 1  # an MLP: one "token", its widest layer, one block
+
+
+@functools.lru_cache(maxsize=64)  # shapes only, immutable: safe to share
+def analyse(name: str, img_size: int = 224, num_classes: int = 100, patch_size: int | None = None,
+            keep_norm_affine: bool = False) -> ModelShape:
+    """Build `name` on the meta device and read off every size the estimate uses.
+
+    Uses `lte.plan` (the same surgery a worker does) so LoRA layers and replicas are exactly
+    those of `HeadLTE`.
+    """
+    from .lte import plan
+
+    with torch.device("meta"):
+        model = _build_meta(name, img_size, num_classes, patch_size)
+        full = sum(p.numel() for p in model.parameters())
+        tokens, width, depth = _geometry(model)
+        p = plan(model, keep_norm_affine)
+    linears = tuple(tuple(model.get_submodule(n).weight.shape) for n in p.lora)
+    replicas = sum(math.prod(s) for s in p.replicas.values())
+    return ModelShape(name, linears, replicas, full, tokens, width, depth)
+
+
+def base_bytes(m: int, n: int, fmt: str) -> int:
+    """Bytes a worker holds for one frozen (m, n) base weight in format `fmt`."""
+    check_format(fmt)
+    elems = m * n
+    if fmt in ("nf4", "fp4"):
+        return math.ceil(elems / 2) + FP32 * math.ceil(elems / BLOCKSIZE_4BIT)
+    if fmt == "int8":
+        return elems + FP32 * m
+    return FP32 * elems
+
+
+def activation_bytes(shape: ModelShape, batch: int, lora_rank: int = 0, lora_saves: int = 0) -> int:
+    """Saved-activation estimate (module docstring): the block term plus the LoRA path's."""
+    block = batch * shape.tokens * shape.width * shape.depth * ACT_FLOATS_PER_TOKEN * FP32
+    lora = batch * shape.tokens * lora_rank * len(shape.linears) * lora_saves * FP32
+    return int(block + lora)
+
+
+def _peak(terms: dict[str, int]) -> int:
+    """Peak bytes: everything resident plus the larger of activations and gradients (they
+    do not coexist; module docstring)."""
+    resident = terms["base"] + terms["trainable"] + terms["optimizer"] + terms["workspace"]
+    return resident + max(terms["activations"], terms["grads"])
+
+
+def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, int]:
+    """Bytes of one LTE client for `cfg` (rank, quant, variant). `cfg.heads` plays no part on
+    purpose: a client holds one head whatever N is (tests assert it)."""
+    rank, quant, variant = cfg.rank, cfg.quant, cfg.variant
+    lora = sum(rank * (m + n) for m, n in shape.linears)
+    trainable = lora + shape.replica_elems
+    corr = lora if variant == "exact" else 0
+    out = {
+        "base": sum(base_bytes(m, n, quant) for m, n in shape.linears),
+        "trainable": FP32 * (trainable + corr),
+        "grads": FP32 * trainable,
+        "optimizer": 2 * FP32 * trainable,
+        "workspace": 0 if quant == "none" else FP32 * max(m * n for m, n in shape.linears),
+        "activations": activation_bytes(shape, batch, rank, 2 if variant == "exact" else 1),
+    }
+    out["total"] = _peak(out)
+    return out
+
+
+def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:
+    """Bytes of full-model AdamW training (fp32) on one device at the same per-device batch."""
+    P = shape.full_params
+    out = {"base": FP32 * P, "trainable": 0, "grads": FP32 * P, "optimizer": 2 * FP32 * P,
+           "workspace": 0, "activations": activation_bytes(shape, batch)}
+    out["total"] = _peak(out)
+    return out
+
+
+def largest_fitting(family: str, device_bytes: int, cfg: "LTEConfig", batch: int,
+                    img_size: int = 224) -> dict[str, str | None]:
+    """The largest model of `family` (smallest to largest in FAMILIES) whose estimate fits in
+    `device_bytes`, for an LTE client and for full training; None where none fits."""
+    if family not in FAMILIES:
+        raise ValueError(f"family {family!r} is unknown; available: {', '.join(FAMILIES)}")
+    best: dict[str, str | None] = {"lte": None, "full": None}
+    for name in FAMILIES[family]:
+        shape = analyse(name, img_size, keep_norm_affine=cfg.keep_norm_affine)
+        if estimate_lte(shape, cfg, batch)["total"] <= device_bytes:
+            best["lte"] = name
+        if estimate_full(shape, batch)["total"] <= device_bytes:
+            best["full"] = name
+    return best
+
+
+def family_of(name: str) -> str | None:
+    """The FAMILIES key whose ladder holds `name`, or None."""
+    return next((f for f, names in FAMILIES.items() if name in names), None)

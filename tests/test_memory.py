@@ -1,0 +1,113 @@
+"""The per-device memory estimator and the `lte-fed-memory` CLI (the heavy probe is not run)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from lte_fed.lte import LTEConfig
+from lte_fed.memory import analyse, base_bytes, estimate_full, estimate_lte, largest_fitting
+
+CFG = LTEConfig(heads=4, rank=64, alpha=4096.0, quant="nf4")
+
+
+@pytest.fixture(scope="module")
+def vit_base():
+    return analyse("vit_base", 224)
+
+
+def test_shape_matches_lte_plan(vit_base):
+    # 12 blocks x (qkv, proj, fc1, fc2) + patch embedding + classifier
+    assert len(vit_base.linears) == 50
+    assert vit_base.tokens == 50 and vit_base.width == 768 and vit_base.depth == 12
+    assert vit_base.full_params == pytest.approx(87.5e6, rel=0.01)
+
+
+def test_lte_client_below_full(vit_base):
+    lte, full = estimate_lte(vit_base, CFG, 32), estimate_full(vit_base, 32)
+    assert lte["total"] < full["total"]
+    # parameter-bound part is several times smaller: the paper's ~1/3, better with nf4
+    static = lambda e: e["base"] + e["trainable"] + e["grads"] + e["optimizer"]  # noqa: E731
+    assert static(lte) * 3 < static(full)
+
+
+def test_nf4_base_is_an_eighth_plus_absmax(vit_base):
+    m, n = 3072, 768
+    assert base_bytes(m, n, "nf4") == m * n // 2 + 4 * (m * n // 64)
+    assert base_bytes(m, n, "fp4") == base_bytes(m, n, "nf4")
+    assert base_bytes(m, n, "int8") == m * n + 4 * m
+    assert base_bytes(m, n, "none") == 4 * m * n
+    elems = sum(a * b for a, b in vit_base.linears)
+    nf4 = sum(base_bytes(a, b, "nf4") for a, b in vit_base.linears)
+    exact = sum(math.ceil(a * b / 2) + 4 * math.ceil(a * b / 64) for a, b in vit_base.linears)
+    assert nf4 == exact
+    assert nf4 == pytest.approx(4 * elems / 8 * (1 + 1 / 8), rel=1e-3)  # 0.5 B + 4/64 B per elem
+
+
+def test_nf4_matches_real_quantized_tensors():
+    from lte_fed.quant import QuantizedWeight
+
+    q = QuantizedWeight((96, 80), "nf4")
+    assert sum(t.numel() * t.element_size() for t in q.parts().values()) == base_bytes(96, 80, "nf4")
+
+
+def test_peak_is_resident_plus_larger_of_activations_and_grads(vit_base):
+    for e in (estimate_lte(vit_base, CFG, 2), estimate_full(vit_base, 2), estimate_full(vit_base, 64)):
+        resident = e["base"] + e["trainable"] + e["optimizer"] + e["workspace"]
+        assert e["total"] == resident + max(e["grads"], e["activations"])
+
+
+def test_client_independent_of_heads(vit_base):
+    ests = [estimate_lte(vit_base, LTEConfig(heads=h, rank=64, quant="nf4"), 32) for h in (1, 4, 64, 1024)]
+    assert all(e == ests[0] for e in ests)
+
+
+def test_largest_fitting_monotone():
+    order = [None, "vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge"]
+    prev = {"lte": 0, "full": 0}
+    for gb in (0.05, 0.5, 1, 2, 4, 8, 16, 32, 64):
+        best = largest_fitting("vit", int(gb * 2**30), CFG, 32)
+        for side in ("lte", "full"):
+            rank = order.index(best[side])
+            assert rank >= prev[side]
+            prev[side] = rank
+        assert order.index(best["lte"]) >= order.index(best["full"])
+    assert prev == {"lte": 5, "full": 5}
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "app.memory", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_prints_table():
+    r = _cli("--model", "vit_base", "--rank", "64", "--quant", "nf4", "--batch", "32", "--img-size", "224",
+             "--device-gb", "8")
+    assert r.returncode == 0, r.stderr
+    for word in ("LTE client", "full AdamW", "base / weights", "AdamW state", "activations", "total",
+                 "largest vit model"):
+        assert word in r.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--model", "nope"], "unknown model"),
+    (["--batch", "0"], "--batch"),
+    (["--device-gb", "-1"], "--device-gb"),
+    (["--quant", "q3"], "quant"),
+    (["--rank", "abc"], "invalid int"),
+])
+def test_cli_bad_input_exits_2(args, needle, capsys):
+    from app.memory import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_cli_bad_input_subprocess():
+    r = _cli("--model", "nope")
+    assert r.returncode == 2
+    assert "unknown model" in r.stderr and "Traceback" not in r.stderr
