@@ -1,0 +1,106 @@
+"""`lte-fed`: the Hydra app. `lte-fed key=value ...` runs one job; `lte-fed -m a=1,2 b=3,4` sweeps.
+
+A user error (bad config, missing data, a model that cannot be parameterized) ends in one line
+`lte-fed: error: ...` and exit code 2, never a traceback from deep inside.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from lte_fed.spec import Spec, SpecError
+
+log = logging.getLogger("lte_fed")
+
+# The reference the default job is compared to when no `full` run is at hand: method=full on
+# digits with vit_digits, seed 0 (see README, "Results").
+REFERENCE_PATH = Path(__file__).with_name("reference.json")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from lte_fed.data import DataError
+    from lte_fed.lte import ParameterizeError
+
+    return (SpecError, DataError, ParameterizeError, FileNotFoundError)
+
+
+def run_job(spec: Spec, out: str | Path) -> dict:
+    """Run one job with the engine the spec names; returns its summary."""
+    if spec.run.engine == "fused":
+        from lte_fed.engine import run_fused
+
+        return run_fused(spec, out)
+    from strategies.simulation import run_flower  # the Flower side: imported only when used
+
+    return run_flower(spec, out)
+
+
+def report(summary: dict, out: str | Path) -> str:
+    """The short table that ends a run: this run next to the full-training reference."""
+    cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
+    lines = [f"run dir: {out}", "", f"| {'run':<28} | test acc | test loss | samples | sync steps | bytes moved |",
+             f"|{'-' * 30}|----------|-----------|---------|------------|-------------|"]
+    name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
+    lines.append(f"| {name:<28} | {fin['test_acc']:8.2f} | {fin['test_loss']:9.4f} | {tot['samples']:7d} | "
+                 f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |")
+    ref = reference_for(cfg)
+    if ref:
+        lines.append(f"| {'full (stored reference)':<28} | {ref['test_acc']:8.2f} | {ref['test_loss']:9.4f} | "
+                     f"{ref['samples']:7d} | {ref['steps']:10d} | {'-':>11} |")
+        lines.append("")
+        lines.append(f"accuracy vs full: {fin['test_acc'] - ref['test_acc']:+.2f} points; "
+                     f"samples: {tot['samples'] / max(ref['samples'], 1):.2f}x full's")
+    return "\n".join(lines)
+
+
+def reference_for(cfg: dict) -> dict | None:
+    if not REFERENCE_PATH.exists() or cfg["method"] == "full":
+        return None
+    refs = json.loads(REFERENCE_PATH.read_text())
+    return refs.get(f"{cfg['data']['name']}/{cfg['model']['name']}")
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="config")
+def _main(cfg: DictConfig) -> float | None:
+    try:
+        spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        out = spec.run.out or HydraConfig.get().runtime.output_dir
+        summary = run_job(spec, out)
+    except user_errors() as e:
+        print(f"lte-fed: error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            _record_failure(HydraConfig.get().runtime.output_dir, e)
+            return None
+        sys.exit(2)
+    print(report(summary, out))
+    return summary["final"]["test_acc"]
+
+
+def _record_failure(out: str, err: BaseException) -> None:
+    """In a sweep, a failed job leaves a summary saying why, and the sweep goes on."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "summary.json").write_text(json.dumps({"failed": True, "error": f"{type(err).__name__}: {err}"}, indent=2))
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""The fused engine: one process, all N heads stacked in one model (run.engine=fused).
+
+Per step, head n takes batch_size / N samples from its shard (drawn by (seed, n, step)); the
+base matmul of every Linear runs once for the whole batch and the heads' LoRA terms run
+batched. Each head has its own AdamW state (AdamW is elementwise, so one AdamW over the
+stacked (N, ...) parameters is N independent ones) and its own gradient-norm clip. Every
+`lte.merge_every` steps the heads merge, and the merged plain model is evaluated and logged.
+
+Methods: lte (N heads, merged every T), mhlora (N heads trained jointly, paper eq. 2, never
+merged), lora (one head, never merged), lora_merge (one head, merged and B reset every T, as
+ReLoRA), full (ordinary training of the plain model).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+from .lte import LTEConfig, StackedLTE, accounting
+from .models import build_model
+from .rundir import RunDir
+from .spec import Spec, SpecError, validate
+from .train import (BatchSource, autocast, clip_per_head, evaluate, head_alignment, lr_at, make_optimizer,
+                    resolve_device)
+
+LORA_METHODS = ("lte", "mhlora", "lora", "lora_merge")
+
+
+@dataclass
+class Job:
+    """Everything a run needs, built from the spec (shared by both engines)."""
+
+    spec: Spec
+    data: D.ImageData
+    img_size: int
+    plain: nn.Module  # the plain model at init (never trained in place)
+    device: torch.device
+
+
+def setup(spec: Spec) -> Job:
+    """Validate, load data, build the plain model."""
+    validate(spec)
+    device = resolve_device(spec.run.device)
+    data = D.load_data(spec.data.name, root=spec.data.root, seed=spec.run.seed, img_size=spec.model.img_size,
+                       test_fraction=spec.data.test_fraction, synthetic_size=spec.data.synthetic_size,
+                       download=spec.data.download)
+    img_size = spec.model.img_size or data.img_size
+    plain = build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
+                        patch_size=spec.model.patch_size, seed=spec.run.seed)
+    return Job(spec, data, img_size, plain, device)
+
+
+def lte_config(spec: Spec) -> LTEConfig:
+    variant = "reset" if spec.method == "lora_merge" else spec.lte.variant
+    return LTEConfig(heads=spec.heads, rank=spec.lte.rank, alpha=float(spec.lte.alpha), variant=variant,
+                     init=spec.lte.init, quant=spec.quant.base, keep_norm_affine=spec.lte.keep_norm_affine,
+                     seed=spec.run.seed)
+
+
+def batch_source(job: Job) -> BatchSource:
+    """Shards and per-head batch size for the method: LTE heads split the cumulative batch and
+    the data; every other method (and lte.same_batch) draws the whole batch from all the data."""
+    s = job.spec
+    split = s.method in ("lte", "fedavg") and not s.lte.same_batch
+    if split:
+        shards = D.partition(job.data.train_y, s.lte.heads, s.data.partition, s.data.alpha, s.run.seed)
+        per_head = s.train.batch_size // s.lte.heads
+    else:
+        shards = [torch.arange(len(job.data.train_y))]
+        per_head = s.train.batch_size
+    return BatchSource(job.data, shards, per_head, job.img_size, s.data.augment, s.run.seed)
+
+
+def payload_bytes(model: StackedLTE) -> tuple[int, int]:
+    """What one federated client would move per round: (up, down) in bytes of tensor payload.
+
+    up = its head's factors + replicas; down = the (quantized) base + merged replicas.
+    """
+    head = model.head_state(0)
+    up = sum(t.numel() * t.element_size() for t in head.values())
+    replicas = sum(t.numel() * 4 for k, t in head.items() if not k.endswith(("lora_A", "lora_B")))
+    base = 0
+    for layer in model.lora_layers().values():
+        parts = layer.base.parts() if layer.base is not None else {"weight": layer.weight}
+        base += sum(t.numel() * t.element_size() for t in parts.values())
+    return up, base + replicas
+
+
+def _plain_payload(model: nn.Module) -> int:
+    return sum(p.numel() * 4 for p in model.parameters())
+
+
+class FusedRun:
+    """One fused-engine run; `run()` trains to the end (or resumes) and writes the run dir."""
+
+    def __init__(self, spec: Spec, out: str | Path):
+        self.job = setup(spec)
+        self.spec, self.dir = spec, RunDir(out)
+        s, dev = spec, self.job.device
+        self.src = batch_source(self.job)
+        if s.method == "full":
+            self.model = copy.deepcopy(self.job.plain).to(dev)
+            self.params = list(self.model.parameters())
+            self.bytes_up = self.bytes_down = _plain_payload(self.model)
+        elif s.method in LORA_METHODS:
+            self.model = StackedLTE(self.job.plain, lte_config(s)).to(dev)
+            if s.method == "mhlora":
+                self.model.set_mode("sum")
+            self.params = self.model.head_params()
+            self.bytes_up, self.bytes_down = payload_bytes(self.model)
+        else:
+            raise SpecError(f"method={s.method!r} runs on Flower only (run.engine=flower)")
+        self.opt = make_optimizer(self.params, s.lr, s.train.weight_decay)
+        self.eval_model = copy.deepcopy(self.job.plain).to(dev)
+        self.step, self.round, self.wall = 0, 0, 0.0
+
+    # --- one step of every head
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        s, dev = self.spec, self.job.device
+        if s.method in ("lte",) and not s.lte.same_batch:
+            parts = [self.src.batch(n, self.step, dev) for n in range(s.heads)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        x, y = self.src.batch(0, self.step, dev)
+        if s.method == "lte":  # same_batch: every head gets the same whole batch
+            return x.repeat(s.heads, *[1] * (x.ndim - 1)), y.repeat(s.heads)
+        return x, y
+
+    def train_step(self) -> float:
+        s = self.spec
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(self.step, s.lr, s.train.warmup, s.train.steps)
+        x, y = self._batch()
+        with autocast(self.job.device, s.run.precision):
+            logits = self.model(x).float()
+        stacked = s.method in LORA_METHODS and s.method != "mhlora"
+        heads = s.heads if stacked else 1
+        per_head = F.cross_entropy(logits, y, reduction="none").view(heads, -1).mean(1)
+        # The optimized loss is the sum of the heads' losses, so each head's factors get exactly
+        # the gradient a lone worker would. mhlora: every head sees the whole batch, so the sum
+        # is N times the loss (the scaling under which LTE with T=1 follows it exactly).
+        loss = per_head.sum() * (s.heads if s.method == "mhlora" else 1)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.method == "full":
+            clip_per_head(self.params, s.train.clip, heads=1)
+        else:
+            clip_per_head(self.params, s.train.clip, heads=self.model.cfg.heads)
+        self.opt.step()
+        self.step += 1
+        return per_head.mean().item()
+
+    # --- a merge (or, for methods that never merge, an evaluation point)
+    def end_round(self, losses: list[float], started: float) -> dict:
+        s = self.spec
+        row = {}
+        if s.train.log_alignment and s.method in LORA_METHODS and s.heads > 1:
+            row |= self.alignment()
+        if s.method in ("lte", "lora_merge"):
+            self.model.merge()
+        self.round += 1
+        self.wall += time.perf_counter() - started
+        self.eval_model.load_state_dict(self.plain_state())
+        metrics = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
+        row = {"round": self.round, "step": self.step, "samples": self.step * s.train.batch_size,
+               "train_loss": sum(losses) / max(1, len(losses)), **metrics,
+               "bytes_up": self.bytes_up * s.heads, "bytes_down": self.bytes_down * s.heads,
+               "wall_s": round(self.wall, 3), "lr": lr_at(self.step - 1, s.lr, s.train.warmup, s.train.steps), **row}
+        self.dir.append_metrics(row)
+        if self.round % s.run.checkpoint_every == 0 or self.step >= s.train.steps:
+            self.save_checkpoint()
+        return row
+
+    def alignment(self) -> dict[str, float]:
+        vals = [head_alignment(l.lora_B.detach(), l.lora_A.detach()) for l in self.model.lora_layers().values()]
+        return {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+
+    def plain_state(self) -> dict[str, torch.Tensor]:
+        """The plain model's state as of now, in the original architecture's names."""
+        if self.spec.method == "full":
+            return self.model.state_dict()
+        return self.model.export_plain_state()
+
+    # --- checkpoints
+    def save_checkpoint(self) -> None:
+        self.dir.save_checkpoint({
+            "spec": self.spec.to_dict(), "step": self.step, "round": self.round, "wall_s": self.wall,
+            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+        })
+
+    def resume_from(self, path: str | Path) -> None:
+        ckpt = RunDir(path).load_checkpoint()
+        _check_same_job(ckpt["spec"], self.spec.to_dict())
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["opt"])
+        self.step, self.round, self.wall = ckpt["step"], ckpt["round"], ckpt["wall_s"]
+        self.dir.keep_metrics_through(self.round)
+
+    # --- the whole run
+    def run(self, stop_after_rounds: int | None = None) -> dict:
+        s = self.spec
+        if s.run.resume:
+            self.resume_from(s.run.resume)
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=s.train.steps, initial=self.step, disable=not s.run.progress, unit="step",
+                   desc=f"{s.method} fused", dynamic_ncols=True)
+        rounds_now = 0
+        while self.step < s.train.steps:
+            started, losses = time.perf_counter(), []
+            for _ in range(min(s.merge_every, s.train.steps - self.step)):
+                losses.append(self.train_step())
+                bar.update(1)
+            row = self.end_round(losses, started)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['test_acc']:.1f}",
+                            samples_s=f"{row['samples'] / max(row['wall_s'], 1e-9):.0f}")
+            rounds_now += 1
+            if stop_after_rounds is not None and rounds_now >= stop_after_rounds and self.step < s.train.steps:
+                bar.close()
+                return {"stopped_at_round": self.round}
+        bar.close()
+        return self.finish()
+
+    def finish(self) -> dict:
+        s = self.spec
+        state = self.plain_state()
+        self.dir.save_model(state, metadata={"model": s.model.name, "method": s.method})
+        rows = self.dir.read_metrics()
+        summary = build_summary(s, rows, self.job, params=self.param_counts())
+        self.dir.write_summary(summary)
+        return summary
+
+    def param_counts(self) -> dict[str, int]:
+        if self.spec.method == "full":
+            return {"trainable": sum(p.numel() for p in self.model.parameters())}
+        return accounting(self.model)
+
+
+def build_summary(s: Spec, rows: list[dict], job: Job, params: dict | None = None, **extra) -> dict:
+    final = rows[-1] if rows else {}
+    return {
+        "config": s.to_dict() | {"resolved": {"lr": s.lr, "heads": s.heads, "img_size": job.img_size,
+                                              "num_classes": job.data.num_classes, "in_chans": job.data.in_chans}},
+        "final": {k: final.get(k) for k in ("test_loss", "test_acc", "train_loss")},
+        "best_test_acc": max((r["test_acc"] for r in rows), default=None),
+        "totals": {
+            "steps": final.get("step", 0), "samples": final.get("samples", 0), "sync_steps": len(rows),
+            "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
+            "wall_s": final.get("wall_s", 0.0),
+        },
+        "params": params or {},
+        **extra,
+    }
+
+
+# Keys that may differ between a run and its resumption.
+_RESUME_FREE = {("run", "resume"), ("run", "out"), ("run", "progress"), ("run", "device")}
+
+
+def _check_same_job(saved: dict, now: dict) -> None:
+    for group, vals in now.items():
+        if not isinstance(vals, dict):
+            if saved.get(group) != vals:
+                raise SpecError(f"run.resume: {group}={vals!r} differs from the checkpoint's {saved.get(group)!r}")
+            continue
+        for k, v in vals.items():
+            if (group, k) not in _RESUME_FREE and saved.get(group, {}).get(k) != v:
+                raise SpecError(f"run.resume: {group}.{k}={v!r} differs from the checkpoint's {saved.get(group, {}).get(k)!r}")
+
+
+def run_fused(spec: Spec, out: str | Path) -> dict:
+    return FusedRun(spec, out).run()

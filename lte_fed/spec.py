@@ -1,0 +1,196 @@
+"""The run specification: every config key of `lte-fed`, typed, with defaults and validation.
+
+Hydra (conf/) produces a nested dict; `Spec.from_dict` turns it into this tree and `validate`
+rejects bad values before any training starts, with one message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+METHODS = ("lte", "mhlora", "lora", "lora_merge", "full", "fedavg")
+ENGINES = ("flower", "fused")
+
+# Learning rate used when train.lr is null: LTE-style methods train at a fraction of the full
+# model's rate (paper A.1: 0.05-0.1x with large alpha); these are tuned for the default job.
+DEFAULT_LR = {"lte": 2e-3, "mhlora": 2e-3, "lora": 2e-3, "lora_merge": 2e-3, "full": 1e-3, "fedavg": 1e-3}
+
+
+class SpecError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class LTESpec:
+    heads: int = 4
+    rank: int = 32
+    alpha: float = 512.0
+    merge_every: int = 10
+    variant: str = "exact"
+    init: str = "orthogonal"
+    keep_norm_affine: bool = False
+    same_batch: bool = False  # every head sees the same full batch (the multi-head LoRA regime)
+
+
+@dataclass
+class QuantSpec:
+    base: str = "none"
+
+
+@dataclass
+class ModelSpec:
+    name: str = "vit_digits"
+    img_size: int | None = None  # None: the data's native size
+    patch_size: int | None = None  # None: the builder's default
+
+
+@dataclass
+class DataSpec:
+    name: str = "digits"
+    root: str | None = None
+    partition: str = "iid"
+    alpha: float = 0.5
+    augment: bool = False
+    download: bool = False
+    test_fraction: float = 0.2
+    synthetic_size: int = 512
+
+
+@dataclass
+class TrainSpec:
+    batch_size: int = 64  # cumulative: all heads together
+    lr: float | None = None  # None: DEFAULT_LR[method]
+    steps: int = 300
+    warmup: int = 20
+    weight_decay: float = 0.0
+    clip: float = 1.0  # per-head gradient-norm clip; 0 disables
+    eval_batch: int = 512
+    log_alignment: bool = False  # log heads' pairwise cosine / Grassmann distance at each merge
+
+
+@dataclass
+class RunSpec:
+    engine: str = "flower"
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    resume: str | None = None
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    client_cpus: float = 1.0  # flower engine: CPUs per virtual node
+    client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
+    min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
+    round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
+    # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
+    # client fails), nan (replies NaN factors), shape (replies a wrong shape), hang (replies
+    # only after the round timed out, as a node gone for that round).
+    fault: str | None = None
+    progress: bool = True
+    checkpoint_every: int = 1  # in merges
+
+
+@dataclass
+class Spec:
+    method: str = "lte"
+    lte: LTESpec = field(default_factory=LTESpec)
+    quant: QuantSpec = field(default_factory=QuantSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    run: RunSpec = field(default_factory=RunSpec)
+
+    # --- derived
+    @property
+    def heads(self) -> int:
+        """Heads actually trained: 1 for lora / lora_merge / full."""
+        return self.lte.heads if self.method in ("lte", "mhlora", "fedavg") else 1
+
+    @property
+    def lr(self) -> float:
+        return float(self.train.lr) if self.train.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def merge_every(self) -> int:
+        """Steps between merges (for methods that never merge: between evaluations)."""
+        return self.lte.merge_every
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.train.steps // self.merge_every)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Spec":
+        return _build(cls, d, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(kind, d: dict[str, Any] | None, prefix: str):
+    d = dict(d or {})
+    kwargs = {}
+    for f in dataclasses.fields(kind):
+        if f.name not in d:
+            continue
+        v = d.pop(f.name)
+        sub = {"lte": LTESpec, "quant": QuantSpec, "model": ModelSpec, "data": DataSpec, "train": TrainSpec, "run": RunSpec}
+        kwargs[f.name] = _build(sub[f.name], v, f"{f.name}.") if kind is Spec and f.name in sub else v
+    d.pop("hydra", None)
+    if d:
+        raise SpecError(f"unknown config key(s): {', '.join(prefix + k for k in d)}")
+    return kind(**kwargs)
+
+
+def _need(cond: bool, key: str, why: str) -> None:
+    if not cond:
+        raise SpecError(f"{key}: {why}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate(s: Spec) -> Spec:
+    """Raise SpecError naming the first bad key; returns `s` for chaining."""
+    from .data import DATASETS
+    from .lora import INITS, VARIANTS
+    from .models import list_models
+    from .quant import QUANT_FORMATS
+
+    _need(s.method in METHODS, "method", f"{s.method!r} is not one of {', '.join(METHODS)}")
+    _need(_is_int(s.lte.heads) and s.lte.heads > 0, "lte.heads", f"must be a positive integer, got {s.lte.heads!r}")
+    _need(_is_int(s.lte.rank) and s.lte.rank > 0, "lte.rank", f"must be a positive integer, got {s.lte.rank!r}")
+    _need(isinstance(s.lte.alpha, (int, float)) and s.lte.alpha > 0, "lte.alpha", f"must be > 0, got {s.lte.alpha!r}")
+    _need(_is_int(s.lte.merge_every) and s.lte.merge_every > 0, "lte.merge_every", f"must be a positive integer, got {s.lte.merge_every!r}")
+    _need(s.lte.variant in VARIANTS, "lte.variant", f"{s.lte.variant!r} is not one of {', '.join(VARIANTS)}")
+    _need(s.lte.init in INITS, "lte.init", f"{s.lte.init!r} is not one of {', '.join(INITS)}")
+    _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
+    _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
+    _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")
+    _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
+    _need(s.data.alpha > 0, "data.alpha", f"must be > 0, got {s.data.alpha!r}")
+    _need(_is_int(s.train.batch_size) and s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
+    if s.method in ("lte", "fedavg") and not s.lte.same_batch:
+        _need(s.train.batch_size % s.lte.heads == 0, "train.batch_size",
+              f"{s.train.batch_size} is not divisible by lte.heads={s.lte.heads} (each head gets batch_size / heads)")
+    _need(_is_int(s.train.steps) and s.train.steps > 0, "train.steps", f"must be a positive integer, got {s.train.steps!r}")
+    _need(_is_int(s.train.warmup) and 0 <= s.train.warmup <= s.train.steps, "train.warmup", f"must be in [0, train.steps], got {s.train.warmup!r}")
+    _need(s.train.lr is None or s.train.lr > 0, "train.lr", f"must be > 0, got {s.train.lr!r}")
+    _need(s.train.clip >= 0, "train.clip", f"must be >= 0, got {s.train.clip!r}")
+    _need(s.run.engine in ENGINES, "run.engine", f"{s.run.engine!r} is not one of {', '.join(ENGINES)}")
+    _need(s.run.device in ("auto", "cpu", "cuda") or s.run.device.startswith("cuda:"), "run.device", f"{s.run.device!r} is not auto, cpu or cuda")
+    _need(s.run.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision", f"{s.run.precision!r} is not auto, fp32, bf16 or fp16")
+    _need(_is_int(s.run.seed), "run.seed", f"must be an integer, got {s.run.seed!r}")
+    _need(_is_int(s.run.min_heads) and 1 <= s.run.min_heads, "run.min_heads", f"must be a positive integer, got {s.run.min_heads!r}")
+    if s.method == "fedavg":
+        _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
+    if s.method == "mhlora" or s.lte.same_batch:
+        _need(s.run.engine == "fused" or s.method != "mhlora", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
+    if s.run.fault:
+        kind, *rest = str(s.run.fault).split(":")
+        _need(kind in ("raise", "nan", "shape", "hang") and len(rest) == 2 and all(r.isdigit() for r in rest),
+              "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang")
+    if s.data.name == "imagefolder":
+        _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
+    return s

@@ -1,0 +1,152 @@
+"""Training pieces both engines share: schedule, devices and precision, one head's local steps,
+per-head clipping, evaluation, and the head-alignment measures of paper appendix A.5.
+
+The fused engine (engine.py) steps all heads of a StackedLTE at once; a Flower client steps
+one HeadLTE with `train_head`. Both draw head n's batch of global step t with
+`data.head_batch_indices(shard_n, t, b, seed, n)`, so they see the same data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as D
+
+
+def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (step is 0-based)."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision where the device supports it: bf16 on CUDA when available ('auto');
+    fp32 on CPU ('auto'), where bf16 autocast is slower than fp32 on most machines."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def clip_per_head(params: list[torch.Tensor], max_norm: float, heads: int) -> torch.Tensor:
+    """Clip each head's gradient norm separately. Every param has the heads as dim 0
+    (with heads=1, any params: one worker's head).
+
+    Returns the heads' norms before clipping, shape (N,).
+    """
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch.zeros(heads, device=grads[0].device)
+    for g in grads:
+        norms += g.detach().float().reshape(heads, -1).pow(2).sum(1)
+    norms = norms.sqrt()
+    if max_norm > 0:
+        factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(factor.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
+    return norms
+
+
+@dataclass
+class BatchSource:
+    """Where head n's batches come from: its shard of the training set and the seed."""
+
+    data: D.ImageData
+    shards: list[torch.Tensor]
+    per_head_batch: int
+    img_size: int
+    augment: bool
+    seed: int
+
+    def batch(self, head: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = D.head_batch_indices(self.shards[head], step, self.per_head_batch, self.seed, head)
+        x, y = D.make_batch(self.data, idx, train=True, img_size=self.img_size, augment=self.augment,
+                            seed=self.seed, head=head, step=step)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def train_head(model: nn.Module, opt: torch.optim.Optimizer, source: BatchSource, head: int, start_step: int,
+               steps: int, *, lr: "callable", clip: float, device: torch.device, precision: str = "fp32") -> list[float]:
+    """One worker's local phase: `steps` AdamW steps of one head from global step `start_step`.
+
+    Returns the per-step training losses.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    model.train()
+    for step in range(start_step, start_step + steps):
+        for g in opt.param_groups:
+            g["lr"] = lr(step)
+        x, y = source.batch(head, step, device)
+        with autocast(device, precision):
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip_per_head(params, clip, heads=1)
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    # foreach=False: the same per-tensor kernels in both engines, so their rounding agrees.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: D.ImageData, img_size: int, device: torch.device, batch_size: int = 512,
+             precision: str = "fp32") -> dict[str, float]:
+    """Test loss and accuracy (%) of a plain model on the test set."""
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    for x, y in D.test_batches(data, batch_size, img_size):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, precision):
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        total += y.numel()
+    return {"test_loss": loss_sum / total, "test_acc": 100.0 * correct / total}
+
+
+# ------------------------------------------------------------------ head alignment (A.5)
+def head_alignment(B: torch.Tensor, A: torch.Tensor) -> dict[str, float]:
+    """Mean pairwise |cosine similarity| and Grassmann distance of the heads' B_n A_n.
+
+    B (N, m, r), A (N, r, n). Grassmann distance between the r-dim column spaces:
+    sqrt(Σ θ_i²) with cos θ_i the singular values of U_iᵀ U_j (paper eq. 4 averages over pairs).
+    """
+    N, r = B.shape[0], B.shape[2]
+    if N < 2:
+        return {"head_cosine": float("nan"), "head_grassmann": float("nan")}
+    prods = torch.einsum("hmr,hrn->hmn", B.float(), A.float())
+    flat = prods.reshape(N, -1)
+    unit = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    cos = unit @ unit.T
+    U = torch.linalg.svd(prods, full_matrices=False).U[:, :, :r]  # (N, m, r) column bases
+    cos_sum = dist_sum = 0.0
+    pairs = 0
+    for i in range(N):
+        for j in range(i + 1, N):
+            s = torch.linalg.svdvals(U[i].T @ U[j]).clamp(-1.0, 1.0)
+            dist_sum += float(torch.arccos(s).pow(2).sum().sqrt())
+            cos_sum += float(cos[i, j].abs())
+            pairs += 1
+    return {"head_cosine": cos_sum / pairs, "head_grassmann": dist_sum / pairs}

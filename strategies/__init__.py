@@ -1,0 +1,1 @@
+"""Flower server side: LTEStrategy and the ServerApp."""

@@ -1,0 +1,116 @@
+"""Talking to nodes through a Flower Grid: waiting for them, learning their partitions,
+sending and collecting replies, and measuring message bytes.
+
+Node ids are random per run and the ServerApp can start before all nodes registered
+(FLOWER_NOTES.md), so heads are keyed on each node's `partition-id`, asked with a QUERY.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+log = logging.getLogger("lte_fed.server")
+POLL_S = 0.2
+
+
+def message_bytes(msg: Message) -> int:
+    """Bytes of a message as serialized for transport (every nested object, deflated)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while (n := len(list(grid.get_node_ids()))) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {n} of {expected} nodes registered within {timeout:.0f} s")
+        time.sleep(POLL_S)
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """Push, then pull until every message has a reply or `timeout` passes."""
+    ids = [i for i in grid.push_messages(messages) if i]
+    waiting, replies = set(ids), []
+    deadline = time.monotonic() + timeout
+    while waiting and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(waiting)))
+        replies.extend(got)
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        if waiting:
+            time.sleep(POLL_S)
+    return replies
+
+
+class PartitionMap:
+    """partition-id <-> node id, and the round's head -> node assignment."""
+
+    def __init__(self):
+        self.node_of: dict[int, int] = {}  # partition-id -> node id
+        self.known: set[int] = set()
+
+    def discover(self, grid: Grid, timeout: float) -> None:
+        """Ask every node not seen yet for its partition-id."""
+        new = [n for n in grid.get_node_ids() if n not in self.known]
+        if not new:
+            return
+        msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
+        for reply in send_and_receive(grid, msgs, timeout):
+            if reply.has_error():
+                continue
+            node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
+            self.node_of[int(reply.content["config"]["partition-id"])] = node
+            self.known.add(node)
+
+    def assign(self, heads: int, alive: set[int]) -> dict[int, int]:
+        """Head n -> the node of partition n if alive; orphaned heads go to free alive nodes
+        first, then to the least busy ones (a node may train several heads in a round)."""
+        out = {n: self.node_of[n] for n in range(heads) if self.node_of.get(n) in alive}
+        busy = {node: 0 for node in alive}
+        for node in out.values():
+            busy[node] += 1
+        for n in range(heads):
+            if n in out or not busy:
+                continue
+            node = min(sorted(busy), key=lambda k: busy[k])
+            out[n] = node
+            busy[node] += 1
+        return dict(sorted(out.items()))
+
+
+class CountingGrid(Grid):
+    """A Grid that passes everything through and counts the serialized bytes of the messages
+    pushed (down) and pulled (up): used to measure what a built-in strategy moves."""
+
+    def __init__(self, grid: Grid):
+        self.inner, self.bytes_down, self.bytes_up = grid, 0, 0
+
+    def set_run(self, run) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self):
+        return self.inner.run
+
+    def create_message(self, *args, **kwargs):
+        return self.inner.create_message(*args, **kwargs)
+
+    def get_node_ids(self):
+        return self.inner.get_node_ids()
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.bytes_down += sum(message_bytes(m) for m in messages)
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        got = list(self.inner.pull_messages(message_ids))
+        self.bytes_up += sum(message_bytes(m) for m in got)
+        return got
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return send_and_receive(self, list(messages), 3600.0 if timeout is None else timeout)

@@ -1,0 +1,37 @@
+"""Small shared helpers for tests: a quick spec on synthetic data, and weight comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from lte_fed.rundir import RunDir
+from lte_fed.spec import Spec
+
+
+def quick_spec(method: str = "lte", engine: str = "fused", **groups) -> Spec:
+    """A few steps of a tiny job on synthetic 8x8 data; `groups` override {"lte": {...}, ...}."""
+    d = {
+        "method": method,
+        "model": {"name": "vit_digits"},
+        "data": {"name": "synthetic", "synthetic_size": 256},
+        "lte": {"heads": 2, "rank": 4, "alpha": 32.0, "merge_every": 3},
+        "train": {"batch_size": 16, "steps": 6, "warmup": 2, "eval_batch": 256},
+        "run": {"engine": engine, "progress": False, "device": "cpu"},
+    }
+    for group, values in groups.items():
+        if isinstance(values, dict):
+            d.setdefault(group, {}).update(values)
+        else:
+            d[group] = values
+    return Spec.from_dict(d)
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def model_of(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    return RunDir(run_dir).load_model()
