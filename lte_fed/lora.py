@@ -56,8 +56,9 @@ def init_lora_A(rank: int, fan_in: int, scheme: str, generator: torch.Generator)
 
 # ----------------------------------------------------------------------------------- math
 def lora_delta(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Σ_n B_n A_n: B (N, m, r), A (N, r, n) -> (m, n)."""
-    return torch.einsum("hmr,hrn->mn", B.float(), A.float())
+    """Σ_n B_n A_n: B (N, m, r), A (N, r, n) -> (m, n), in fp32 (fp64 if the factors are)."""
+    dtype = torch.promote_types(torch.promote_types(B.dtype, A.dtype), torch.float32)
+    return torch.einsum("hmr,hrn->mn", B.to(dtype), A.to(dtype))
 
 
 def merge_update(
