@@ -37,7 +37,7 @@ from lte_fed.lora import merge_update
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
-from lte_fed.train import evaluate
+from lte_fed.train import evaluate, head_alignment
 
 from .grid_utils import PartitionMap, message_bytes, send_and_receive, wait_for_nodes
 
@@ -68,6 +68,7 @@ class LTEStrategy(Strategy):
         self.eval_model = copy.deepcopy(job.plain).to(job.device)
         self._sent: list[tuple[Message, int, int]] = []  # (message, head, node) of this round
         self._bytes_down = 0
+        self._alignment: dict[str, float] = {}  # this round's head alignment (train.log_alignment)
 
     # ------------------------------------------------------------------ Strategy interface
     def summary(self) -> None:
@@ -141,6 +142,8 @@ class LTEStrategy(Strategy):
             log.error("round %d: %d good head(s) < run.min_heads=%d: nothing merged this round",
                       server_round, len(good), self.spec.run.min_heads)
             return None, MetricRecord({"merged_heads": 0})
+        if self.spec.train.log_alignment and len(good) > 1:
+            self._alignment = self.alignment(good)
         self.merge(good)
         return None, MetricRecord({"merged_heads": len(good), "train_loss": self._round_loss})
 
@@ -151,6 +154,15 @@ class LTEStrategy(Strategy):
         return None
 
     # ------------------------------------------------------------------------- the merge
+    @torch.no_grad()
+    def alignment(self, good: dict[int, dict[str, torch.Tensor]]) -> dict[str, float]:
+        """head_cosine / head_grassmann (paper A.5) of the received heads' B_n A_n, averaged over
+        the LoRA layers, as the fused engine logs them before a merge."""
+        heads = sorted(good)
+        vals = [head_alignment(torch.stack([good[h][f"{n}.lora_B"].float() for h in heads]),
+                               torch.stack([good[h][f"{n}.lora_A"].float() for h in heads])) for n in self.plan.lora]
+        return {k: sum(v[k] for v in vals) / len(vals) for k in vals[0]}
+
     @torch.no_grad()
     def merge(self, good: dict[int, dict[str, torch.Tensor]]) -> None:
         """Merge the heads in `good` (sorted by head, so sums are deterministic)."""
@@ -233,7 +245,8 @@ class LTEStrategy(Strategy):
         step = min(rnd * s.merge_every, s.train.steps)
         row = {"round": rnd, "step": step, "samples": step * s.train.batch_size, "train_loss": self._round_loss, **ev,
                "bytes_up": self._bytes_up, "bytes_down": self._bytes_down, "wall_s": round(self.wall, 3),
-               "merged_heads": int(metrics["merged_heads"]) if metrics else 0}
+               "merged_heads": int(metrics["merged_heads"]) if metrics else 0, **self._alignment}
+        self._alignment = {}
         self.dir.append_metrics(row)
         log.info("round %d: merged %d head(s), train loss %.4f, test acc %.2f%%, up %d B, down %d B",
                  rnd, row["merged_heads"], row["train_loss"], row["test_acc"], row["bytes_up"], row["bytes_down"])

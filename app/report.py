@@ -1,0 +1,346 @@
+"""`lte-fed-report <sweep dir> [--out DIR]`: one table and the figures for a sweep.
+
+Every run under the directory, at any depth, is collected: a run is a directory holding a
+`summary.json` (what `lte-fed` writes at the end of a job; a job that failed in a multirun
+leaves `{"failed": true, "error": ...}` there). A directory with a Hydra job record
+(`.hydra/config.yaml`) or a `metrics.jsonl` but no summary is a job still running or killed,
+and is listed as `incomplete`.
+
+Written to --out (default: <sweep dir>/report):
+
+    results.md, results.csv   one row per run: the config keys that vary across the runs,
+                              final test loss / accuracy, best accuracy, samples, sync steps,
+                              bytes up / down, wall time; failed runs say why
+    accuracy.png              test accuracy vs sync steps and vs samples seen, one curve per
+                              run (paper figure 7); a `method=full` run is the dashed baseline
+    alignment.png             mean pairwise |cosine similarity| and Grassmann distance of the
+                              heads' B_n A_n over training (paper figure 8 / appendix A.5), from
+                              metrics rows that carry head_cosine / head_grassmann
+                              (train.log_alignment=true)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Config keys that never describe the experiment (where a run was written, how it showed progress).
+IGNORED_KEYS = {"run.out", "run.resume", "run.progress"}
+# Short names for figure legends.
+SHORT = {"lte.heads": "N", "lte.rank": "r", "lte.merge_every": "T", "lte.alpha": "alpha", "train.lr": "lr",
+         "train.batch_size": "B", "train.steps": "steps", "method": "", "run.seed": "seed"}
+# Methods for which the lte.* keys mean nothing.
+NO_HEADS = {"full"}
+RESULT_COLS = ["test_loss", "test_acc", "best_test_acc", "samples", "sync_steps", "bytes_up", "bytes_down", "wall_s"]
+
+
+class ReportError(Exception):
+    pass
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str  # relative to the sweep dir
+    status: str  # ok | failed | incomplete
+    config: dict[str, Any] = field(default_factory=dict)  # flattened: "lte.heads" -> 8
+    summary: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", ""))
+
+    def result(self, key: str) -> Any:
+        if self.status != "ok":
+            return None
+        if key in ("test_loss", "test_acc"):
+            return self.summary.get("final", {}).get(key)
+        if key == "best_test_acc":
+            return self.summary.get("best_test_acc")
+        return self.summary.get("totals", {}).get(key)
+
+
+# ----------------------------------------------------------------------------------- collect
+def _natural(path: Path) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _hydra_config(path: Path) -> dict[str, Any]:
+    """The job's composed config as Hydra recorded it (for jobs that left no config of their own)."""
+    f = path / ".hydra" / "config.yaml"
+    if not f.exists():
+        return {}
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(f)
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that only resolves inside Hydra
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    f = path / "metrics.jsonl"
+    if not f.exists():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written as we read
+            pass
+    return rows
+
+
+def load_run(path: Path, root: Path) -> Run:
+    name = str(path.relative_to(root)) if path != root else "."
+    rows = _read_rows(path)
+    summary_file = path / "summary.json"
+    if not summary_file.exists():
+        return Run(path, name, "incomplete", flatten(_hydra_config(path)), rows=rows,
+                   error="no summary.json (running, or killed)")
+    try:
+        summary = json.loads(summary_file.read_text())
+    except json.JSONDecodeError as e:
+        return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows, error=f"unreadable summary.json: {e}")
+    if summary.get("failed"):
+        return Run(path, name, "failed", flatten(_hydra_config(path)), summary, rows,
+                   error=str(summary.get("error", "unknown error")))
+    config = dict(summary.get("config", {}))
+    config.pop("resolved", None)
+    return Run(path, name, "ok", flatten(config), summary, rows)
+
+
+def find_runs(root: Path, exclude: Path | None = None) -> list[Run]:
+    dirs = {p.parent for p in root.rglob("summary.json")}
+    dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
+    dirs |= {p.parent for p in root.rglob("metrics.jsonl")}
+    if exclude is not None:
+        dirs = {d for d in dirs if exclude not in (d, *d.parents)}
+    return [load_run(d, root) for d in sorted(dirs, key=_natural)]
+
+
+def varying_keys(runs: list[Run]) -> list[str]:
+    """Config keys whose value differs between runs (method first, then in config order)."""
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in r.config if k not in keys and k not in IGNORED_KEYS]
+    vary = []
+    for k in keys:
+        values = {json.dumps(r.config.get(k), sort_keys=True, default=str) for r in runs if r.config}
+        if len(values) > 1:
+            vary.append(k)
+    return sorted(vary, key=lambda k: (k != "method", keys.index(k)))
+
+
+def cell(run: Run, key: str) -> Any:
+    if run.method in NO_HEADS and key.startswith("lte."):
+        return "-"
+    return run.config.get(key, "")
+
+
+# ------------------------------------------------------------------------------------ tables
+def _fmt(key: str, v: Any) -> str:
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float) and math.isnan(v):
+        return "nan"
+    if key in ("bytes_up", "bytes_down"):
+        return _bytes(v)
+    if key in ("test_acc", "best_test_acc"):
+        return f"{v:.2f}"
+    if key == "test_loss":
+        return f"{v:.4f}"
+    if key == "wall_s":
+        return f"{v:.1f}"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def table_rows(runs: list[Run], keys: list[str]) -> tuple[list[str], list[list[Any]]]:
+    header = ["run", "status", *keys, *RESULT_COLS, "error"]
+    rows = [[r.name, r.status, *(cell(r, k) for k in keys), *(r.result(c) for c in RESULT_COLS), r.error] for r in runs]
+    return header, rows
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for row in rows:
+            w.writerow(["" if v is None else v for v in row])
+
+
+def markdown(header: list[str], rows: list[list[Any]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    for row in rows:
+        out.append("| " + " | ".join(esc(_fmt(h, v)) for h, v in zip(header, row)) + " |")
+    return "\n".join(out) + "\n"
+
+
+# ----------------------------------------------------------------------------------- figures
+def label(run: Run, keys: list[str]) -> str:
+    if run.method in NO_HEADS:
+        return f"{run.method} (baseline)"
+    parts = []
+    for k in keys:
+        v = run.config.get(k)
+        short = SHORT.get(k, k)
+        parts.append(f"{v}" if short == "" else f"{short}={v:g}" if isinstance(v, float) else f"{short}={v}")
+    return " ".join(parts) or run.name
+
+
+def sync_steps(run: Run, row: dict[str, Any]) -> int:
+    """Synchronizations up to this row: every optimizer step for full training (data-parallel
+    training all-reduces every step), one per merge round otherwise."""
+    return row["step"] if run.method == "full" else row["round"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _styles(runs: list[Run], plt) -> dict[str, dict[str, Any]]:
+    others = [r for r in runs if r.method not in NO_HEADS]
+    cmap = plt.get_cmap("tab10" if len(others) <= 10 else "tab20")
+    styles = {}
+    for i, r in enumerate(others):
+        styles[r.name] = {"color": cmap(i % cmap.N), "lw": 1.4}
+    for r in runs:
+        if r.method in NO_HEADS:
+            styles[r.name] = {"color": "black", "ls": "--", "lw": 1.8}
+    return styles
+
+
+def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
+    need = ("round", "step", "samples", "test_acc")
+    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
+    if not runs:
+        return False
+    plt = _plt()
+    styles = _styles(runs, plt)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for r in runs:
+        rows = [x for x in r.rows if all(k in x for k in need)]
+        kw = styles[r.name] | {"label": label(r, keys)}
+        axes[0].plot([sync_steps(r, x) for x in rows], [x["test_acc"] for x in rows], **kw)
+        axes[1].plot([x["samples"] for x in rows], [x["test_acc"] for x in rows], **kw)
+    axes[0].set_xlabel("synchronization steps (merges; full: optimizer steps)")
+    axes[0].set_xscale("log")
+    axes[1].set_xlabel("training samples seen (all heads together)")
+    axes[0].set_ylabel("test accuracy (%)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle("Test accuracy vs synchronization steps and samples seen")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
+    need = ("samples", "head_cosine", "head_grassmann")
+    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
+    if not runs:
+        return False
+    plt = _plt()
+    styles = _styles(runs, plt)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r in runs:
+        rows = [x for x in r.rows if all(k in x for k in need)]
+        kw = styles[r.name] | {"label": label(r, keys)}
+        axes[0].plot([x["samples"] for x in rows], [x["head_cosine"] for x in rows], **kw)
+        axes[1].plot([x["samples"] for x in rows], [x["head_grassmann"] for x in rows], **kw)
+    axes[0].set_ylabel("mean pairwise |cosine similarity|")
+    axes[1].set_ylabel("mean pairwise Grassmann distance")
+    for ax in axes:
+        ax.set_xlabel("training samples seen")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle("Alignment of the LoRA heads' B_n A_n before each merge (averaged over layers)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+# -------------------------------------------------------------------------------------- main
+def make_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    root = Path(sweep)
+    if not root.is_dir():
+        raise ReportError(f"{root}: no such directory")
+    out = Path(out) if out else root / "report"
+    runs = find_runs(root, exclude=out.resolve() if out.resolve() != root.resolve() else None)
+    if not runs:
+        raise ReportError(f"{root}: no runs found (a run is a directory with summary.json)")
+    out.mkdir(parents=True, exist_ok=True)
+    keys = varying_keys(runs)
+    header, rows = table_rows(runs, keys)
+    written = {"csv": out / "results.csv", "md": out / "results.md"}
+    write_csv(written["csv"], header, rows)
+    written["md"].write_text(markdown(header, rows))
+    if plot_accuracy(runs, keys, out / "accuracy.png"):
+        written["accuracy"] = out / "accuracy.png"
+    if plot_alignment(runs, keys, out / "alignment.png"):
+        written["alignment"] = out / "alignment.png"
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="lte-fed-report", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", help="a sweep directory (hydra.sweep.dir), or any folder holding run directories")
+    p.add_argument("--out", help="where the table and figures go (default: <sweep>/report)")
+    args = p.parse_args(argv)
+    try:
+        written = make_report(args.sweep, args.out)
+    except ReportError as e:
+        print(f"lte-fed-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(written["md"])).read_text())
+    print(f"table:   {written['md']}\n         {written['csv']}")
+    for k in ("accuracy", "alignment"):
+        if k in written:
+            print(f"figure:  {written[k]}")
+    if "alignment" not in written:
+        print("(no head_cosine/head_grassmann in the metrics: run with train.log_alignment=true for alignment.png)")
+
+
+if __name__ == "__main__":
+    main()

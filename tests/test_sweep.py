@@ -1,0 +1,152 @@
+"""Sweeps and reports as a user runs them: a real `lte-fed -m` multirun through the CLI, a job
+that fails without stopping the sweep, `lte-fed-report` over the lot; the ablation presets
+compose into valid jobs; the Flower server logs the same head alignment as the fused engine."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from app.report import main as report_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+SWEEP = ["lte.heads=2,4", "lte.rank=2,4", "data.name=synthetic", "data.synthetic_size=256", "train.steps=4",
+         "lte.merge_every=2", "train.batch_size=16", "train.warmup=1", "run.engine=fused", "run.progress=false",
+         "run.device=cpu", "train.log_alignment=true"]
+
+
+def lte_fed_multirun(*args: str, sweep_dir: Path) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "app.cli", "-m", *args, f"hydra.sweep.dir={sweep_dir}"],
+                            cwd=sweep_dir.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(p: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=300)
+    return p.returncode, out, err
+
+
+def test_a_multirun_with_a_failed_job_reports_every_run(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    good = lte_fed_multirun(*SWEEP, sweep_dir=sweep)
+    # A second, one-job sweep into a sub-folder whose job is invalid: it fails, the sweep ends
+    # normally, and the report (which looks at any depth) lists it with its reason.
+    bad = lte_fed_multirun(*[a for a in SWEEP if not a.startswith("lte.")], "lte.heads=2", "lte.rank=0",
+                           sweep_dir=sweep / "bad")
+    (rc_good, out_good, err_good), (rc_bad, _, err_bad) = finish(good), finish(bad)
+    assert rc_good == 0, err_good[-3000:]
+    assert rc_bad == 0, err_bad[-3000:]  # a failed job does not fail the sweep
+    assert "lte-fed: error: lte.rank" in err_bad and "Traceback" not in err_bad
+    assert sorted(p.name for p in sweep.iterdir() if p.name.isdigit()) == ["0", "1", "2", "3"]
+    assert all((sweep / j / "summary.json").exists() for j in "0123")  # each job its own run dir
+    # A job killed mid-run (metrics but no summary) shows up as incomplete; the rest still report.
+    (sweep / "killed").mkdir()
+    (sweep / "killed" / "metrics.jsonl").write_text(json.dumps({"round": 1, "step": 2, "test_acc": 10.0}) + "\n"
+                                                    + '{"round": 2, "step": 4, "samp')  # cut mid-write
+
+    out = tmp_path / "report"
+    report_main([str(sweep), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert str(out / "results.md") in printed and str(out / "accuracy.png") in printed
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"lte.heads", "lte.rank", "test_acc", "test_loss", "samples", "sync_steps", "bytes_up", "bytes_down",
+            "wall_s", "status", "error"} <= set(rows[0])
+    assert "train.steps" not in rows[0] and "data.name" not in rows[0]  # only the keys that vary
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert sorted((int(r["lte.heads"]), int(r["lte.rank"])) for r in ok) == [(2, 2), (2, 4), (4, 2), (4, 4)]
+    for r in ok:
+        assert 0.0 <= float(r["test_acc"]) <= 100.0 and float(r["test_loss"]) > 0
+        assert int(r["samples"]) == 4 * 16 and int(r["sync_steps"]) == 2 and int(r["bytes_up"]) > 0
+        assert not r["error"]
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(failed) == 1 and failed[0]["run"] == "bad/0"
+    assert failed[0]["lte.rank"] == "0" and "lte.rank" in failed[0]["error"] and "positive" in failed[0]["error"]
+    assert [r["run"] for r in rows if r["status"] == "incomplete"] == ["killed"]
+
+    md = (out / "results.md").read_text()
+    assert md.count("| ok |") == 4 and "| failed |" in md and "must be a positive integer" in md
+    for fig in ("accuracy.png", "alignment.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+    rows0 = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert all("head_cosine" in r and "head_grassmann" in r for r in rows0)
+
+
+def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report_main([str(tmp_path)])
+    assert e.value.code == 2 and "lte-fed-report: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset, group, extra", [("ablation_cpu", "ablation/cpu", []),
+                                                  ("ablation_gpu", "ablation/gpu", ["data.root=/data/imagenet100"])])
+def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lte_fed.spec import Spec, validate
+
+    preset_file = yaml.safe_load((CONF / "experiment" / f"{preset}.yaml").read_text())
+    swept = preset_file["hydra"]["sweeper"]["params"][group].split(",")
+    assert sorted(swept) == sorted(p.stem for p in (CONF / group).glob("*.yaml")), "every cell is swept"
+    seen = set()
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for name in swept:
+            cfg = compose("config", overrides=[f"+experiment={preset}", f"{group}={name}", *extra])
+            spec = validate(Spec.from_dict(OmegaConf.to_container(cfg, resolve=True)))
+            assert spec.run.engine == "fused" and spec.train.log_alignment
+            if spec.method == "full":
+                continue
+            lte = spec.lte
+            assert name == f"h{lte.heads}_r{lte.rank}_t{lte.merge_every}"
+            assert lte.alpha / lte.rank == (2 if preset == "ablation_cpu" else 64)  # s fixed across ranks
+            seen.add((lte.heads, lte.rank, lte.merge_every))
+            if preset == "ablation_gpu":
+                assert (spec.model.name, spec.train.batch_size, spec.train.lr) == ("vit_small", 4096, 3e-5)
+            else:
+                assert (spec.model.name, spec.data.name) == ("vit_digits", "digits")
+    heads, ranks, merges = ((2, 4, 8), (4, 8, 16, 32), (2, 5, 10, 25)) if preset == "ablation_cpu" else \
+        ((2, 8, 32), (8, 16, 32, 64, 128), (5, 10, 20, 50, 100))
+    top_h, mid_r = heads[-1], (16 if preset == "ablation_cpu" else 64)
+    assert {(h, r, 10) for h in heads for r in (ranks[0], mid_r)} <= seen  # heads x rank block
+    assert {(top_h, r, 10) for r in ranks} <= seen  # rank block
+    assert {(top_h, mid_r, t) for t in merges} <= seen  # merge-interval block
+
+
+def test_flower_server_logs_the_head_alignment_the_fused_engine_logs(tmp_path):
+    """LTEStrategy computes head_cosine / head_grassmann from the heads it received, as the fused
+    engine does from its stacked heads, and writes them into that round's metrics row. (No Ray:
+    the strategy is driven directly; test_flower.py runs the real simulation.)"""
+    from lte_fed.engine import FusedRun
+    from lte_fed.rundir import RunDir
+    from strategies.lte_strategy import LTEStrategy
+
+    from .helpers import quick_spec
+
+    spec = quick_spec("lte", "fused", lte={"heads": 3, "merge_every": 3}, train={"batch_size": 12, "log_alignment": True})
+    fused = FusedRun(spec, tmp_path / "fused")
+    for _ in range(3):
+        fused.train_step()
+    expected = fused.alignment()
+    received = {h: fused.model.head_state(h) for h in range(3)}  # what the three clients would send
+
+    strategy = LTEStrategy(spec, fused.job, tmp_path / "flower")
+    got = strategy.alignment(received)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert 0.0 < got["head_cosine"] < 1.0 and got["head_grassmann"] > 0.0
+    strategy._alignment, strategy._round_loss, strategy._bytes_up, strategy._bytes_down = got, 1.0, 1, 1
+    strategy.log_round(1, None)
+    strategy.log_round(2, None)  # a round whose heads were not measured logs no stale values
+    rows = RunDir(tmp_path / "flower").read_metrics()
+    assert rows[0]["head_cosine"] == got["head_cosine"] and rows[0]["head_grassmann"] == got["head_grassmann"]
+    assert "head_cosine" not in rows[1]
