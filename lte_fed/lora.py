@@ -184,7 +184,20 @@ class StackedLoRALinear(nn.Module):
             self.corr_A = self.corr_B = None
 
     def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight.to(x.dtype)) if self.base is None else self.base.linear(x)
+        w = self.weight if self.base is None else self._dequantized()
+        return F.linear(x, w.to(x.dtype))
+
+    def _dequantized(self) -> torch.Tensor:
+        """q(W) as float, dequantized once and reused until the packed tensors change (a merge,
+        a load, a move). The fused engine holds W in full precision anyway, so one more copy
+        costs what W costs, and spares the two dequantizations per layer per step that a
+        memory-bound worker (`LoRALinear`, `QuantizedWeight.linear`) pays. The values are
+        the same: the same dequantize of the same packed tensors."""
+        key = tuple((id(t), t._version) for t in self.base.parts().values())
+        if getattr(self, "_deq_key", None) != key:
+            self._deq = self.base.dequantize()
+            self._deq_key = key
+        return self._deq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_linear(x)

@@ -1,0 +1,1 @@
+"""Benchmarks of lte-fed: `make bench` (python -m benchmarks.run) and the memory probe."""

@@ -1,0 +1,172 @@
+"""The results markdown of `make bench`, from the JSON the sections wrote."""
+
+from __future__ import annotations
+
+from .common import fmt
+
+MiB = 2**20
+
+
+def _b(n: float) -> str:
+    for unit, k in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= k:
+            return f"{n / k:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+def _r(s: dict) -> str:
+    return "n/a" if not s or not s.get("n") else f"{s['median']:.2f}× [{s['q1']:.2f}–{s['q3']:.2f}]"
+
+
+def _ok(value: float | None, target: float) -> str:
+    return "n/a" if value is None else ("meets" if value <= target else "misses")
+
+
+def step_md(d: dict) -> list[str]:
+    c = d["config"]
+    L = [f"## 1. Step cost (fused engine vs full, N one-head models, floor)", "",
+         f"{c['model']} (384/1536, 12 blocks), img {c['img_size']} patch {c['patch_size']} → {c['tokens']} tokens, "
+         f"N={c['heads']} heads, r={c['rank']}, alpha={c['alpha']:g}, cumulative batch {c['batch']} "
+         f"({c['batch'] // c['heads']} per head), device {c['device']}; {c['reps']} repetitions, all variants "
+         "stepped round-robin in each. Median [IQR] in ms per step (a step = every head once).", "",
+         "| variant | what | ms/step |", "|---|---|---|"]
+    what = {"full": "plain model, AdamW on every weight (method=full, fused engine)",
+            "lte": "fused LTE, exact variant (default), fp32 base",
+            "lte_reset": "fused LTE, reset variant (no correction term)",
+            "lte_nf4": "fused LTE, exact, NF4 base, q(W) dequantized once per merge (cached)",
+            "lte_nf4_ondemand": "as lte_nf4, q(W) dequantized on every use (the engine before this benchmark's fix; what a worker does)",
+            "separate": "N one-head HeadLTE models (what Flower clients run), stepped in turn",
+            "floor": "plain model, all weights frozen, no LoRA: forward + input gradients only"}
+    for k, s in d["step_s"].items():
+        L.append(f"| {k} | {what.get(k, '')} | {fmt(s, 'ms')} |")
+    r = d["ratios"]
+    L += ["", "Ratios (pair by pair, same repetition), median [IQR]:", "", "| ratio | measured | target | |", "|---|---|---|---|"]
+    targets = {"lte/full": 1.15, "lte/floor": 1.10, "lte_nf4/full": 1.20}
+    for k, s in r.items():
+        t = targets.get(k)
+        L.append(f"| {k} | {_r(s)} | {'≤ %.2f×' % t if t else ''} | {_ok(s.get('median'), t) if t else ''} |")
+    if d.get("flops"):
+        f = d["flops"]
+        L += ["", "Matmul FLOPs of the Linear layers per token relative to the floor (forward + input gradient, "
+              "2·m·n per layer): " + ", ".join(f"{k} {v:.2f}×" for k, v in f.items()) + ". The LoRA path costs "
+              "r·(m+n) per matmul against m·n for the base: at r=64 on 384-wide layers that is 20–33% of each "
+              "base matmul, three times over (forward, input grad, weight grad), plus twice more for the exact "
+              "variant's correction V."]
+    if d.get("profile"):
+        L += ["", "Profile of one step (torch.profiler, self time, top ops):", ""]
+        for k, rows in d["profile"].items():
+            L.append(f"- **{k}**: " + ", ".join(f"{x['op']} {100 * x['share']:.0f}% ({x['calls']})" for x in rows[:8]))
+    return L + [""]
+
+
+def bytes_md(d: dict) -> list[str]:
+    L = ["## 3. Bytes per round per client (real Flower Messages) and §4.5 volumes", "",
+         "Down = the TRAIN message `LTEStrategy.configure_train` builds for one client (q(W) + replicas + config); "
+         "up = the reply a client builds (its head's A, B + replicas + metrics); FedAvg: the plain model's "
+         "arrays each way. Bytes are `message_bytes` (every nested object as serialized for transport).", "",
+         "| model | rank | LTE nf4 down | LTE int8 down | LTE none down | LTE up | FedAvg down | FedAvg up | LTE nf4 (down+up) / FedAvg |",
+         "|---|---|---|---|---|---|---|---|---|"]
+    for key, q in d["lte"].items():
+        fa = d["fedavg"][key]
+        ratio = (q["nf4"]["down"] + q["nf4"]["up"]) / (fa["down"] + fa["up"])
+        n = d["notes"][key]
+        L.append(f"| {key} ({n['model']}, {n['img_size']} px) | {n['rank']} | {_b(q['nf4']['down'])} | {_b(q['int8']['down'])} | "
+                 f"{_b(q['none']['down'])} | {_b(q['nf4']['up'])} | {_b(fa['down'])} | {_b(fa['up'])} | {ratio:.2f} |")
+    L += ["", "Per step over all devices, paper §4.5 (M = fp32 model, M_lte = one head's trainable tensors, "
+          "qM = NF4 base; LTE communicates every T steps). The paper writes LTE's all-reduce with M; only the "
+          "heads travel, so `lte all-reduce` uses M_lte (the M form is in the JSON):", "",
+          "| model / N / T | M | M_lte | qM | DDP all-reduce N(N-1)M | LTE all-reduce N(N-1)M_lte/T | DDP param. server 2(N-1)M | LTE param. server ((N-1)M_lte+(N-1)qM)/T |",
+          "|---|---|---|---|---|---|---|---|"]
+    for k, v in d["volume"].items():
+        L.append(f"| {k} | {_b(v['M'])} | {_b(v['M_lte'])} | {_b(v['qM'])} | {_b(v['ddp_allreduce'])} | "
+                 f"{_b(v['lte_allreduce'])} | {_b(v['ddp_ps'])} | {_b(v['lte_ps'])} |")
+    return L + [""]
+
+
+def flower_md(d: dict) -> list[str]:
+    L = ["## 2. Flower overhead per round (run.engine=flower vs fused)", "",
+         "Default digits job (conf/: vit_digits, N=4, batch 64, rank/alpha/lr defaults), fewer steps; per-round "
+         "wall time from each run's metrics rows (excludes the server's evaluation in both engines), round 1 "
+         "left out (workers build data and models). Median [IQR] over the remaining rounds, seconds.", "",
+         "| T | N | rounds timed | fused s/round | flower s/round | flower / fused | overhead (flower − fused) / fused | whole flower run incl. start-up |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in d["t_sweep"]:
+        L.append(f"| {r['T']} | {r['heads']} | {r['flower_round_s']['n']} | {fmt(r['fused_round_s'])} | "
+                 f"{fmt(r['flower_round_s'])} | {r['flower_over_fused']:.2f}× | {100 * r['overhead_ratio']:.0f}% | {r['flower_run_s']:.0f} s |")
+    L += ["", "Parts of one Flower round (T, N=4), each timed separately with the function the round calls, "
+          "median seconds. `configure` = quantize + build the N TRAIN messages + count their bytes; "
+          "`serialize` = `message_bytes` of one message; client parts run with the worker's thread count; "
+          "`predicted` = configure + waves × (load + train) + N × serialize_up + merge, with waves = "
+          "ceil(N / parallel workers); `residual` = measured flower round − predicted = transfer, Ray "
+          "scheduling and the server's polling.", "",
+          "| T | quantize | configure | serialize down | client load | client train (T steps) | serialize up | merge | evaluate | waves | predicted | measured | residual |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for p in d["parts"]:
+        m = {k: v["median"] for k, v in p["parts_s"].items()}
+        L.append(f"| {p['T']} | {m['quantize']:.4f} | {m['configure']:.3f} | {m['serialize_down']:.4f} | {m['client_load']:.4f} | "
+                 f"{m['client_train']:.3f} | {m['serialize_up']:.4f} | {m['merge']:.4f} | {m['evaluate']:.3f} | {p['waves']} | "
+                 f"{p['predicted_round_s']:.3f} | {p['flower_round_s']:.3f} | {p['orchestration_residual_s']:.3f} |")
+    L += ["", "## 6. Scaling: time per round as N grows (T=10, cumulative batch fixed)", "",
+          "| N | per-head batch | fused s/round | flower s/round | flower / fused |", "|---|---|---|---|---|"]
+    for r in d["n_sweep"]:
+        L.append(f"| {r['heads']} | {64 // r['heads']} | {fmt(r['fused_round_s'])} | {fmt(r['flower_round_s'])} | {r['flower_over_fused']:.2f}× |")
+    return L + [""]
+
+
+def memory_md(d: dict) -> list[str]:
+    L = ["## 4. Peak memory of one client (benchmarks/memory_probe.py)", "",
+         "| model | img / batch | LTE client (nf4 + one head, r=64) peak | full AdamW peak | LTE / full | estimate / measured (LTE, full) |",
+         "|---|---|---|---|---|---|"]
+    for m, r in d.items():
+        if m in ("section_s", "env"):
+            continue
+        if not isinstance(r, dict) or "error" in r or "lte" not in r:
+            L.append(f"| {m} | failed | | | | |")
+            continue
+        c = r["config"]
+        L.append(f"| {m} | {c['img_size']} / {c['batch']} | {r['lte']['measured']['peak_bytes'] / MiB:.0f} MiB | "
+                 f"{r['full']['measured']['peak_bytes'] / MiB:.0f} MiB | {r['lte_over_full_measured']:.2f} | "
+                 f"{r['lte']['ratio_total']:.2f}, {r['full']['ratio_total']:.2f} |")
+    return L + [""]
+
+
+def accuracy_md(d: dict) -> list[str]:
+    r0 = d["runs"][0]
+    L = ["## 5. Accuracy per sample (digits, fused engine, defaults from conf/)", "",
+         f"LTE: N={r0['lte']['heads']}, r={r0['lte']['rank']}, alpha={r0['lte']['alpha']}, T={r0['lte']['T']}, "
+         f"lr={r0['lte']['lr']}, base {r0['lte']['quant']}; full: lr={r0['full']['lr']}; {r0['lte']['steps']} steps of "
+         f"batch {r0['lte']['batch']}. Target = full training's final test accuracy of the same seed.", "",
+         "| seed | full final acc | LTE final acc | LTE best acc | samples full needs to reach it | samples LTE needs | LTE / full |",
+         "|---|---|---|---|---|---|---|"]
+    for r in d["runs"]:
+        ratio = f"{r['samples_ratio']:.2f}×" if r.get("samples_ratio") else "not reached"
+        L.append(f"| {r['seed']} | {r['full']['final_acc']:.2f}% | {r['lte']['final_acc']:.2f}% | {r['lte']['best_acc']:.2f}% | "
+                 f"{r['full_samples_to_target']} | {r['lte_samples_to_target'] or '—'} | {ratio} |")
+    L += ["", f"LTE reached the target in {d['reached']} seeds; samples ratio {_r(d['samples_ratio'])}."]
+    return L + [""]
+
+
+def markdown(res: dict) -> str:
+    e = res["env"]
+    L = [f"# lte-fed benchmarks — {e['time'][:10]}", "",
+         f"- command: `{res['command']}` (from the repository root){' — QUICK sizes (smoke test)' if res['quick'] else ''}",
+         f"- device: {e['device']}{' — ' + e['cpu_model'] if e.get('cpu_model') else ''}, {e['cpu_count']} CPUs",
+         f"- torch {e['torch']}, torch threads {e['torch_threads']}, flwr {e.get('flwr')}, python {e['python']}",
+         f"- load average at start {tuple(round(x, 2) for x in e['loadavg'])}, at end "
+         f"{tuple(round(x, 2) for x in res['env_end']['loadavg'])} (a shared machine: absolute times move with the "
+         "load; ratios are taken within one repetition)",
+         f"- total wall time {res['total_s'] / 60:.1f} min", ""]
+    secs = res["sections"]
+    for key, fn in (("step", step_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
+                    ("accuracy", accuracy_md)):
+        if key not in secs:
+            continue
+        if "error" in secs[key]:
+            L += [f"## {key}: FAILED ({secs[key]['error']})", ""]
+            continue
+        try:
+            L += fn(secs[key])
+        except Exception as err:  # a report bug must not lose the JSON
+            L += [f"## {key}: could not render ({err!r}); see the JSON", ""]
+        L.append(f"_(section took {secs[key].get('section_s', 0):.0f} s)_\n")
+    return "\n".join(L) + "\n"
