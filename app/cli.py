@@ -47,7 +47,9 @@ def report(summary: dict, out: str | Path) -> str:
     cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
     lines = [f"run dir: {out}", "", f"| {'run':<28} | test acc | test loss | samples | sync steps | bytes moved |",
              f"|{'-' * 30}|----------|-----------|---------|------------|-------------|"]
-    name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
+    name = f"{cfg['method']} ({cfg['run']['engine']})"
+    if cfg["method"] != "full":
+        name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
     lines.append(f"| {name:<28} | {fin['test_acc']:8.2f} | {fin['test_loss']:9.4f} | {tot['samples']:7d} | "
                  f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |")
     ref = reference_for(cfg)
@@ -75,7 +77,10 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="config")
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: Hydra reads a relative one as a module
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     try:
         spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))

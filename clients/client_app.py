@@ -63,11 +63,22 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     config = _need(msg.content, P.CONFIG, "train message")
-    spec_json = str(_need(config, "spec", "train config"))
+    spec_json = _node_spec_json(str(_need(config, "spec", "train config")), context.node_config)
     spec = Spec.from_dict(P.spec_from_json(spec_json))
     if spec.method == "fedavg":
         return _train_fedavg(msg, context, spec_json, spec)
     return _train_lte(msg, context, spec_json, spec, config)
+
+
+def _node_spec_json(spec_json: str, node_config) -> str:
+    """A deployed node's own `data-root` (node config) overrides the run's data.root: each
+    device keeps its copy of the data wherever it likes."""
+    root = node_config.get("data-root")
+    if not root:
+        return spec_json
+    d = P.spec_from_json(spec_json)
+    d["data"]["root"] = str(root)
+    return P.spec_to_json(d)
 
 
 # ------------------------------------------------------------------------------------ LTE

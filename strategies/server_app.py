@@ -97,9 +97,22 @@ def make_server_app(spec: Spec | None = None, stop_after_rounds: int | None = No
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if spec is None:
+            _log_progress()
         run_server(grid, spec if spec is not None else spec_from_run_config(dict(context.run_config)), stop_after_rounds)
 
     return app
+
+
+def _log_progress() -> None:
+    """Under `flwr run` nothing configures logging (the CLI's Hydra does): send lte_fed's INFO
+    lines (one per round) to stderr, which `flwr run --stream` / `flwr log` show."""
+    logger = logging.getLogger("lte_fed")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
 
 
 app = make_server_app()

@@ -17,6 +17,7 @@ def quick_spec(method: str = "lte", engine: str = "fused", **groups) -> Spec:
         "model": {"name": "vit_digits"},
         "data": {"name": "synthetic", "synthetic_size": 256},
         "lte": {"heads": 2, "rank": 4, "alpha": 32.0, "merge_every": 3},
+        "quant": {"base": "none"},
         "train": {"batch_size": 16, "steps": 6, "warmup": 2, "eval_batch": 256},
         "run": {"engine": engine, "progress": False, "device": "cpu"},
     }
