@@ -37,7 +37,7 @@ class LTESpec:
 
 @dataclass
 class QuantSpec:
-    base: str = "nf4"
+    base: str = "none"
 
 
 @dataclass
