@@ -17,11 +17,19 @@ mkdir -p "$STATE/pids" "$STATE/logs"
 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
+# running PID: the process exists and is not a zombie (an exited process nobody reaped yet; in
+# containers whose PID 1 does not reap, those linger and `kill -0` still succeeds on them).
+running() {
+  local st
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n "$st" && "$st" != Z ]]
+}
+
 # wait_up PID HOST PORT LOG: until PORT accepts connections (or PID dies / 60 s pass).
 wait_up() {
   local pid=$1 host=$2 port=$3 log=$4
   for _ in $(seq 120); do
-    kill -0 "$pid" 2>/dev/null || { tail -20 "$log" >&2; die "PID $pid exited at start (log $log)"; }
+    running "$pid" || { tail -20 "$log" >&2; die "PID $pid exited at start (log $log)"; }
     (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null && return 0
     sleep 0.5
   done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # register_nodes.sh [KEYDIR] — register every KEYDIR/node_*.pub with the running SuperLink
 # (`flwr supernode register`), then list the federation's nodes. Run before the nodes start:
-# an unregistered key is refused and that node exits (code 305), it does not retry.
+# an unregistered key is refused ("Exit Code: 305 ... Failed to activate SuperNode" in its log,
+# process exit status 1) and that node does not retry.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 DIR="${1:-$KEYS}"

@@ -1,0 +1,400 @@
+"""A real deployment on loopback, through the scripts in deploy/: `flower-superlink` with TLS and
+SuperNode authentication, three authenticated `flower-supernode`s, and `flwr run . FEDERATION`.
+
+- a clean LTE run: every round merges all three heads, the run directory is complete and its
+  model loads into the plain model builder;
+- an unregistered SuperNode is refused (exit code 305, "Failed to activate");
+- a SuperNode that is stopped and restarted (same key, same state-dir) and another killed with
+  SIGKILL mid-run: the dead node's head is handed on, the run finishes with a finite model and
+  the ServerApp's log says what happened;
+- every process the tests started is stopped by its PID (the scripts' PID files, then a sweep
+  of the test's process sessions) and nothing is left listening on the test's ports.
+
+Everything lives under a temp dir: certs, keys, a private FLWR_HOME, the SuperLink database,
+node state and the run directory. Ports are free loopback ports, picked at start.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lte_fed.models import build_model
+from lte_fed.rundir import RunDir
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
+NODES = 3
+
+pytestmark = [
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(not (BIN / "flower-superlink").exists(), reason="flower-superlink not installed next to python"),
+]
+
+
+# ----------------------------------------------------------------------- processes and ports
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stat(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def running(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+def in_sessions(sessions: set[int]) -> dict[int, str]:
+    """Live (non-zombie) processes whose session is one of `sessions`: everything the scripts
+    and commands this test started in a new session spawned, however deep, whoever reaped them."""
+    out = {}
+    for pid in all_pids():
+        st = _stat(pid)
+        if st is not None and st[0] != "Z" and int(st[3]) in sessions:
+            out[pid] = cmdline(pid)
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    kids: dict[int, list[int]] = {}
+    for p in all_pids():
+        st = _stat(p)
+        if st is not None:
+            kids.setdefault(int(st[1]), []).append(p)
+    out, todo = [], [pid]
+    while todo:
+        for k in kids.get(todo.pop(), []):
+            out.append(k)
+            todo.append(k)
+    return out
+
+
+def kill_tree(pid: int, sig: int) -> list[int]:
+    """Send `sig` to PID and every descendant (found before anything is signalled)."""
+    tree = [pid, *descendants(pid)]
+    for p in tree:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    return tree
+
+
+def wait_gone(pids, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while (left := [p for p in pids if running(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+def listening(ports) -> set[int]:
+    """Which of `ports` have a socket in LISTEN state (IPv4 or IPv6)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) in ports:
+                found.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return found
+
+
+# ----------------------------------------------------------------------------- deployment
+class Deployment:
+    """SuperLink + SuperNodes started by deploy/*.sh with a private STATE / FLWR_HOME / ports.
+    Each script and command runs in a session of its own, so `stop()` finds every process it
+    left behind (background daemons, flower-superexec, flwr-serverapp, flwr-clientapp) by
+    session id, not by name."""
+
+    def __init__(self, root: Path, certs: Path, keys: Path, nodes: int = NODES):
+        self.root, self.nodes = root, nodes
+        self.state = root / "state"
+        self.port = free_port()
+        self.node_ports = [free_port() for _ in range(nodes)]
+        self.federation = "lte-test"
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "VENV_BIN": str(BIN), "STATE": str(self.state), "CERTS": str(certs), "KEYS": str(keys),
+            "FLWR_HOME": str(root / "flwr_home"), "SUPERLINK_HOST": "127.0.0.1",
+            "SUPERLINK_PORT": str(self.port), "FEDERATION": self.federation, "START_WAIT": "60",
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.sessions: set[int] = set()
+        self.children: list[subprocess.Popen] = []
+
+    # -- commands
+    def popen(self, args, **kw) -> subprocess.Popen:
+        p = subprocess.Popen([str(a) for a in args], env={**self.env, **kw.pop("env", {})}, start_new_session=True,
+                             cwd=self.root, **kw)
+        self.sessions.add(p.pid)
+        self.children.append(p)
+        return p
+
+    def script(self, name: str, *args, check: bool = True, env: dict | None = None, timeout: float = 120) -> str:
+        p = self.popen(["bash", DEPLOY / name, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                       env=env or {})
+        out, _ = p.communicate(timeout=timeout)
+        if check:
+            assert p.returncode == 0, f"{name} {args} failed ({p.returncode}):\n{out}"
+        return out
+
+    def pid(self, name: str) -> int:
+        pid = int((self.state / "pids" / f"{name}.pid").read_text())
+        assert "flower-super" in cmdline(pid), f"PID {pid} of {name} is {cmdline(pid)!r}"
+        return pid
+
+    def log(self, name: str) -> str:
+        return (self.state / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def start(self) -> None:
+        self.script("start_superlink.sh")
+        self.script("register_nodes.sh")
+        for i in range(self.nodes):
+            self.start_node(i)
+
+    def start_node(self, i: int) -> None:
+        self.script("start_supernode.sh", i, self.nodes, env={"NODE_PORT": str(self.node_ports[i])})
+
+    def run(self, run_config: str, log: Path) -> subprocess.Popen:
+        """`flwr run REPO FEDERATION --stream`, in the background, its output in `log`."""
+        with open(log, "w") as f:
+            return self.popen([BIN / "flwr", "run", REPO, self.federation, "--stream", "--run-config", run_config],
+                              stdout=f, stderr=subprocess.STDOUT)
+
+    # -- stopping
+    def ports(self) -> set[int]:
+        return {self.port, *self.node_ports}
+
+    def stop(self) -> tuple[dict[int, str], set[int]]:
+        """deploy/stop_all.sh, then a sweep: whatever of ours still runs is killed by PID.
+        Returns what the sweep found (should be nothing) and the ports still listening."""
+        for p in self.children:
+            if p.poll() is None and p.args[0] != "bash":
+                kill_tree(p.pid, signal.SIGTERM)
+        if (self.state / "pids").is_dir():
+            self.script("stop_all.sh", check=False, timeout=60)
+        left = wait_gone(list(in_sessions(self.sessions)), 5)
+        leftovers = {p: cmdline(p) for p in left}
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for p in wait_gone(list(in_sessions(self.sessions)), 0):
+                kill_tree(p, sig)
+            wait_gone(list(in_sessions(self.sessions)), 5)
+        for p in self.children:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        deadline = time.monotonic() + 10  # a closed listening socket can take a moment to go
+        while (still := listening(self.ports())) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return leftovers, still
+
+
+@pytest.fixture(scope="module")
+def credentials(tmp_path_factory):
+    """A CA + server cert, NODES registered node keys and one key that is never registered."""
+    root = tmp_path_factory.mktemp("creds")
+    for cmd in (["make_certs.sh", root / "certs"], ["make_node_keys.sh", root / "keys", NODES],
+                ["make_node_keys.sh", root / "stranger", 1]):
+        subprocess.run(["bash", DEPLOY / cmd[0], *map(str, cmd[1:])], check=True, capture_output=True, timeout=120)
+    return root
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, credentials):
+    d = Deployment(tmp_path_factory.mktemp("deploy"), credentials / "certs", credentials / "keys")
+    try:
+        d.start()
+        yield d
+    finally:
+        leftovers, ports = d.stop()
+    assert not leftovers, f"stop_all.sh left processes behind: {leftovers}"
+    assert not in_sessions(d.sessions), f"still running: {in_sessions(d.sessions)}"
+    assert not ports, f"still listening on {ports}"
+
+
+def run_config(out: Path, steps: int, model: str = "vit_digits", extra: str = "") -> str:
+    # Strings need TOML quotes inside --run-config ('...' or "..."); numbers and booleans not.
+    return (f"data.name='synthetic' data.synthetic_size=256 model.name='{model}' lte.heads={NODES} lte.rank=4 "
+            f"lte.alpha=32.0 lte.merge_every=2 train.batch_size=12 train.steps={steps} train.warmup=1 "
+            f"run.out='{out}' run.device='cpu' {extra}").strip()
+
+
+def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = RunDir(out).read_metrics() if (out / "metrics.jsonl").exists() else []
+        if len(rows) >= n:
+            return rows
+        assert proc.poll() is None, f"flwr run ended (rc {proc.returncode}) before round {n}"
+        time.sleep(0.5)
+    raise TimeoutError(f"round {n} not done within {timeout:.0f} s")
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"flwr run did not finish within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
+    text = log.read_text(errors="replace")
+    assert proc.returncode == 0, f"flwr run failed ({proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def check_run_dir(out: Path, rounds: int, model: str = "vit_digits") -> list[dict]:
+    rows = RunDir(out).read_metrics()
+    assert [r["round"] for r in rows] == list(range(1, rounds + 1))
+    assert all(math.isfinite(r["test_loss"]) and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["lte"]["heads"] == NODES and summary["config"]["data"]["name"] == "synthetic"
+    assert (out / "checkpoint.pt").exists()
+    state = RunDir(out).load_model()
+    assert all(torch.isfinite(t).all() for t in state.values())
+    plain = build_model(model, num_classes=10, img_size=8, in_chans=3)
+    plain.load_state_dict(state, strict=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------------- tests
+def test_a_nodes_data_root_overrides_the_runs():
+    from clients.client_app import _node_spec_json
+    from lte_fed import protocol as P
+    from lte_fed.spec import Spec
+
+    spec_json = P.spec_to_json(Spec.from_dict({"data": {"root": "/run/data"}}).to_dict())
+    assert _node_spec_json(spec_json, {"partition-id": 0}) == spec_json
+    assert P.spec_from_json(_node_spec_json(spec_json, {"data-root": "/dev/data"}))["data"]["root"] == "/dev/data"
+
+
+def test_lte_runs_through_a_tls_authenticated_deployment(deployment, tmp_path):
+    nodes = subprocess.run([BIN / "flwr", "supernode", "list", deployment.federation], env=deployment.env,
+                           capture_output=True, text=True, timeout=60)
+    assert nodes.returncode == 0 and nodes.stdout.count("online") >= NODES, nodes.stdout + nodes.stderr
+    out, log = tmp_path / "run", tmp_path / "flwr-run.log"
+    t0 = time.monotonic()
+    text = finish(deployment.run(run_config(out, steps=4), log), log, timeout=400)
+    print(f"2 rounds through the deployment in {time.monotonic() - t0:.1f} s")
+    rows = check_run_dir(out, rounds=2)
+    print("wall_s per round:", [r["wall_s"] for r in rows])
+    assert [r["merged_heads"] for r in rows] == [3, 3]
+    assert "round 2: merged 3 head(s)" in text, text[-4000:]  # the ServerApp's progress, streamed
+    assert "no reply from node" not in text and "rejected reply" not in text and "goes to node" not in text
+    # each node trained its own head (partition-id = head) and kept its state where it was told
+    for i in range(NODES):
+        assert sorted(p.name for p in (deployment.state / f"node_{i}").iterdir()) == [f"head-{i}-r1.pt", f"head-{i}-r2.pt"]
+
+
+def test_an_unregistered_supernode_is_refused(deployment, credentials, tmp_path):
+    log = tmp_path / "stranger.log"
+    with open(log, "w") as f:
+        p = deployment.popen([BIN / "flower-supernode", "--superlink", f"127.0.0.1:{deployment.port}",
+                              "--root-certificates", credentials / "certs" / "ca.crt",
+                              "--auth-supernode-private-key", credentials / "stranger" / "node_0",
+                              "--port", free_port(), "--node-config", "partition-id=0 num-partitions=3"],
+                             stdout=f, stderr=subprocess.STDOUT)
+    rc = p.wait(timeout=60)
+    text = log.read_text(errors="replace")
+    # Flower's exit code 305 is in the log; the process itself exits with status 1
+    assert rc != 0 and "Exit Code: 305" in text and "Failed to activate SuperNode" in text, (rc, text)
+    # the deploy script says so too, instead of leaving a dead node behind silently
+    out = deployment.script("start_supernode.sh", 0, NODES, check=False,
+                            env={"KEYS": str(credentials / "stranger"), "NODE_PORT": str(free_port()),
+                                 "STATE": str(tmp_path / "stranger-state")})
+    assert "exited at start" in out, out
+
+
+def sent_train_replies(d: Deployment, node: int) -> int:
+    """Train replies the node has sent (its log counts every restart)."""
+    sent, sending = 0, None
+    for line in d.log(f"supernode_{node}").splitlines():  # the ClientApp's output interleaves
+        if "Sending: " in line:
+            sending = line.split("Sending: ", 1)[1].split()[0]
+        elif "Sent successfully" in line:
+            sent += sending == "train"
+            sending = None
+    return sent
+
+
+# Slow (~2-3 min) by nature: a SIGKILLed node is noticed only after 2 x 30 s heartbeats. It runs
+# last on the module's deployment (node 1 stays dead) and uses the small `mlp` model: every
+# message starts a fresh flwr-clientapp process, and importing timm/torchvision for the ViT
+# costs each of them seconds of CPU.
+# The order of events is made certain, not left to timing: head 1 hangs in round 2 (the
+# client's fault injection), so round 2 cannot end before node 1 is killed; node 2 is restarted
+# after it answered round 2 and before node 1 dies, so the restart falls inside round 2.
+def test_a_killed_node_is_survived_and_a_restarted_one_continues(deployment, tmp_path):
+    d = deployment
+    out, log = tmp_path / "run", tmp_path / "flwr-run.log"
+    t0 = time.monotonic()
+    before = sent_train_replies(d, 2)
+    proc = d.run(run_config(out, steps=6, model="mlp", extra="run.round_timeout=150.0 run.fault='hang:1:2'"), log)
+    wait_rows(out, 1, proc, timeout=300)
+
+    # round 2 is under way and waits for head 1. Node 2 answers it, then is stopped (SIGTERM
+    # deactivates it at once) and restarted with the same key and state-dir: it gets its node id
+    # back, and in round 3 its head without a 'restore' - from its state-dir.
+    deadline = time.monotonic() + 120
+    while sent_train_replies(d, 2) < before + 2:
+        assert time.monotonic() < deadline and proc.poll() is None, "node 2 did not answer round 2"
+        time.sleep(0.5)
+    pid2 = d.pid("supernode_2")
+    assert not wait_gone(kill_tree(pid2, signal.SIGTERM), 30)
+    restarted = time.time()
+    d.start_node(2)
+    assert d.pid("supernode_2") != pid2
+    # then node 1, still hanging in round 2, is killed outright (its whole process tree), never to return
+    assert len(RunDir(out).read_metrics()) == 1, "round 2 ended before node 1 was killed"
+    assert not wait_gone(kill_tree(d.pid("supernode_1"), signal.SIGKILL), 10)
+
+    text = finish(proc, log, timeout=400)
+    rows = check_run_dir(out, rounds=3, model="mlp")
+    merged = [r["merged_heads"] for r in rows]
+    print(f"3 rounds, node 1 SIGKILLed and node 2 restarted in round 2, in {time.monotonic() - t0:.1f} s; "
+          f"merged heads per round {merged}, wall_s {[r['wall_s'] for r in rows]}")
+    events = "\n".join(line for line in text.splitlines() if "lte_fed" in line)
+    print(events)
+    # round 2 waited for the dead node and merged the two heads that answered ...
+    assert merged[:2] == [3, 2], merged
+    assert "round 2: head 1 on node" in text and "Node Unavailable" in text, text[-4000:]
+    # ... then the dead node's head went to a live node with its state: all heads merge again
+    assert "round 3: head 1 goes to node" in text, text[-4000:]
+    assert merged[2] == 3, f"{merged}\n{events}\n--- node logs ---\n" + "\n".join(
+        f"[node {i}] " + "\n".join(d.log(f"supernode_{i}").splitlines()[-15:]) for i in range(NODES))
+    # the restarted node trained head 2 in round 3 from the state it had saved before the restart
+    assert any(f.stat().st_mtime > restarted for f in (d.state / "node_2").glob("head-2-r3.pt"))
+    assert "head 2 goes to node" not in text, text[-4000:]
+    assert running(d.pid("supernode_2")) and running(d.pid("supernode_0"))
