@@ -115,9 +115,10 @@ def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra)
                 assert (spec.model.name, spec.train.batch_size, spec.train.lr) == ("vit_small", 4096, 3e-5)
             else:
                 assert (spec.model.name, spec.data.name) == ("vit_digits", "digits")
-    heads, ranks, merges = ((2, 4, 8), (4, 8, 16, 32), (2, 5, 10, 25)) if preset == "ablation_cpu" else \
+                assert spec.train.batch_size == 32 * lte.heads  # the same batch per head in every cell
+    heads, ranks, merges = ((2, 4, 8), (1, 2, 4, 8, 16), (2, 5, 10, 25, 50)) if preset == "ablation_cpu" else \
         ((2, 8, 32), (8, 16, 32, 64, 128), (5, 10, 20, 50, 100))
-    top_h, mid_r = heads[-1], (16 if preset == "ablation_cpu" else 64)
+    top_h, mid_r = heads[-1], (8 if preset == "ablation_cpu" else 64)
     assert {(h, r, 10) for h in heads for r in (ranks[0], mid_r)} <= seen  # heads x rank block
     assert {(top_h, r, 10) for r in ranks} <= seen  # rank block
     assert {(top_h, mid_r, t) for t in merges} <= seen  # merge-interval block
