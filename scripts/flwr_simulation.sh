@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 nodes=${1:-4}
 run_config=${2:-}
 export PATH="$PWD/.venv/bin:$PATH"
-export FLWR_HOME=${FLWR_HOME:-$(mktemp -d)}
+own_home=""
+[[ -n "${FLWR_HOME:-}" ]] || { FLWR_HOME=$(mktemp -d); own_home=$FLWR_HOME; }  # ours: removed at exit
+export FLWR_HOME
 http_port=${FLWR_LOCAL_SUPERLINK_HTTP_API_PORT:-39091}
 control_port=${FLWR_LOCAL_CONTROL_API_PORT:-39093}
 mkdir -p "$FLWR_HOME/local-superlink"
@@ -35,6 +37,7 @@ stop() {
   wait "$superlink" 2>/dev/null || true
   sleep 1
   kill -9 $pids 2>/dev/null || true
+  [[ -z "$own_home" ]] || rm -rf "$own_home"
 }
 trap stop EXIT
 
