@@ -17,13 +17,7 @@ mkdir -p "$STATE/pids" "$STATE/logs"
 
 die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
-# running PID: the process exists and is not a zombie (an exited process nobody reaped yet; in
-# containers whose PID 1 does not reap, those linger and `kill -0` still succeeds on them).
-running() {
-  local st
-  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
-  [[ -n "$st" && "$st" != Z ]]
-}
+source "$DEPLOY_DIR/proc.sh"   # running, descendants
 
 # wait_up PID HOST PORT LOG: until PORT accepts connections (or PID dies / 60 s pass).
 wait_up() {

@@ -7,11 +7,6 @@
 set -uo pipefail
 source "$(dirname "$0")/common.sh"
 
-descendants() {  # PIDs below $1, depth first
-  local kid
-  for kid in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$kid"; descendants "$kid"; done
-}
-
 stop() {  # stop PID and its descendants: TERM, wait up to 10 s, then KILL what is left
   local pid=$1 all p alive
   all="$pid $(descendants "$pid")"

@@ -25,10 +25,7 @@ flower-superlink --insecure --simulation --isolation subprocess --disable-runtim
   --log-file "$FLWR_HOME/local-superlink/superlink.log" &
 superlink=$!
 
-descendants() {  # every process below $1, deepest first
-  local child
-  for child in $(pgrep -P "$1" 2>/dev/null); do descendants "$child"; echo "$child"; done
-}
+source deploy/proc.sh   # descendants
 stop() {
   # the SuperLink's process tree (superexec, flwr-simulation, Ray) first, then the SuperLink
   local pids

@@ -127,8 +127,9 @@ def listening(ports) -> set[int]:
             continue
         for line in lines:
             fields = line.split()
-            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) in ports:
-                found.add(int(fields[1].rsplit(":", 1)[1], 16))
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if fields[3] == "0A" and port in ports:
+                found.add(port)
     return found
 
 
@@ -210,7 +211,7 @@ class Deployment:
         left = wait_gone(list(in_sessions(self.sessions)), 5)
         leftovers = {p: cmdline(p) for p in left}
         for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in wait_gone(list(in_sessions(self.sessions)), 0):
+            for p in in_sessions(self.sessions):
                 kill_tree(p, sig)
             wait_gone(list(in_sessions(self.sessions)), 5)
         for p in self.children:
