@@ -32,7 +32,7 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from lte_fed import protocol as P
-    from lte_fed.engine import Job, lte_config
+    from lte_fed.job import Job, lte_config
     from lte_fed.lte import HeadLTE
     from strategies.grid_utils import message_bytes
     from strategies.lte_strategy import LTEStrategy
@@ -89,7 +89,7 @@ def comm_volume(M: float, M_lte: float, qM: float, N: int, T: int) -> dict:
 def main(a) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
-    from lte_fed.engine import setup
+    from lte_fed.job import setup
     from lte_fed.models import build_model
     from lte_fed.spec import Spec
 

@@ -68,7 +68,7 @@ def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
     from flwr.supercore.task_identity import TaskIdentity
 
     from lte_fed import protocol as P
-    from lte_fed.engine import batch_source, lte_config, setup
+    from lte_fed.job import batch_source, lte_config, setup
     from lte_fed.lte import HeadLTE
     from lte_fed.train import evaluate, lr_at, make_optimizer, train_head
     from strategies.grid_utils import message_bytes

@@ -28,7 +28,7 @@ class _Separate:
     """N one-head models (HeadLTE, what Flower clients train) stepped one after another."""
 
     def __init__(self, lte_run):
-        from lte_fed.engine import lte_config
+        from lte_fed.job import lte_config
         from lte_fed.lte import HeadLTE
         from lte_fed.train import make_optimizer
 

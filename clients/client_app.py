@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from lte_fed import protocol as P
-from lte_fed.engine import batch_source, lte_config, setup
+from lte_fed.job import batch_source, lte_config, setup
 from lte_fed.lte import HeadLTE
 from lte_fed.spec import Spec
 from lte_fed.train import lr_at, make_optimizer, train_head

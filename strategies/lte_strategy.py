@@ -32,7 +32,8 @@ from flwr.serverapp.strategy.result import Result
 from lte_fed import protocol as P
 from lte_fed import quant
 from lte_fed.convert import to_original_state
-from lte_fed.engine import Job, build_summary, lte_config
+from lte_fed.engine import build_summary
+from lte_fed.job import Job, lte_config
 from lte_fed.lora import merge_update
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.rundir import RunDir

@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from lte_fed import protocol as P
-from lte_fed.engine import build_summary, setup
+from lte_fed.engine import build_summary
+from lte_fed.job import setup
 from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
 from lte_fed.train import evaluate
