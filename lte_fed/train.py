@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from .spec import SpecError
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
@@ -35,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+        raise SpecError(f"run.device: {name} but no CUDA device is available; use run.device=cpu or auto")
     return torch.device(name)
 
 
