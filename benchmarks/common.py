@@ -45,6 +45,8 @@ def default_spec_dict(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
+    import lte_fed.spec  # noqa: F401  (registers the Spec defaults that conf/config.yaml composes on)
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)
     return OmegaConf.to_container(cfg, resolve=True)
