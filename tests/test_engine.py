@@ -84,7 +84,7 @@ def test_resume_refuses_a_different_job(tmp_path):
     ({"lte": {"variant": "sometimes"}}, "lte.variant"),
     ({"quant": {"base": "int3"}}, "quant.base"),
     ({"data": {"partition": "roundrobin"}}, "data.partition"),
-    ({"train": {"warmup": 100}}, "train.warmup"),
+    ({"train": {"warmup": -1}}, "train.warmup"),  # a warm-up longer than the run is fine: cut to it
     ({"method": "adam"}, "method"),
 ])
 def test_bad_config_fails_before_training_naming_the_key(override, key):
