@@ -83,6 +83,11 @@ class RunSpec:
     client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
     min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
+    # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
+    # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
+    # heads' median, is rejected.
+    max_update_ratio: float = 10.0
+    max_update_outlier: float = 20.0
     # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
     # client fails), nan (replies NaN factors), shape (replies a wrong shape), hang (replies
     # only after the round timed out, as a node gone for that round).
@@ -184,6 +189,9 @@ def validate(s: Spec) -> Spec:
     _need(s.run.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision", f"{s.run.precision!r} is not auto, fp32, bf16 or fp16")
     _need(_is_int(s.run.seed), "run.seed", f"must be an integer, got {s.run.seed!r}")
     _need(_is_int(s.run.min_heads) and 1 <= s.run.min_heads, "run.min_heads", f"must be a positive integer, got {s.run.min_heads!r}")
+    for key in ("max_update_ratio", "max_update_outlier"):
+        v = getattr(s.run, key)
+        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"run.{key}", f"must be >= 0 (0 disables), got {v!r}")
     if s.method == "fedavg":
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
     if s.method == "mhlora" or s.lte.same_batch:
