@@ -83,9 +83,13 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: Hydra 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
     try:
+        out = cfg.run.out or HydraConfig.get().runtime.output_dir
         spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))
-        out = spec.run.out or HydraConfig.get().runtime.output_dir
         summary = run_job(spec, out)
+    except KeyboardInterrupt:
+        # what was checkpointed (every run.checkpoint_every merges) is safe: say how to go on
+        print(f"\nlte-fed: interrupted; continue with run.resume={out}", file=sys.stderr)
+        sys.exit(130)
     except user_errors() as e:
         print(f"lte-fed: error: {e}", file=sys.stderr)
         if HydraConfig.get().mode.name == "MULTIRUN":

@@ -30,7 +30,7 @@ def test_a_fused_run_writes_its_directory_and_prints_the_table(tmp_path):
     r = lte_fed(*QUICK, "run.engine=fused", f"run.out={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| lte (fused, N=2, r=4)" in r.stdout and "test acc" in r.stdout
-    assert {"metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt"} <= {p.name for p in out.iterdir()}
+    assert {"metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.safetensors"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["lte"]["heads"] == 2 and summary["totals"]["sync_steps"] == 2
 
