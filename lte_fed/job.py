@@ -63,6 +63,6 @@ def batch_source(job: Job) -> BatchSource:
     else:
         shards = [torch.arange(len(job.data.train_y))]
         per_head = s.train.batch_size
-    return BatchSource(job.data, shards, per_head, job.img_size, s.data.augment, s.run.seed)
+    return BatchSource(job.data, shards, per_head, job.img_size, s.data.augment, s.run.seed, same_batch=not split)
 
 

@@ -10,7 +10,8 @@ Every parameter of the plain model becomes exactly one of:
 - replica: a tensor each head trains its own copy of and the merge averages — biases, kept
   norm affines, embeddings and token-like tensors (positional embedding, class token: leading
   dimension 1). Replicating a matrix would defeat LTE, so any other ≥2-D parameter is refused.
-Building fails with `ParameterizeError` naming the parameter if one is neither.
+Building fails with `ParameterizeError` naming the parameter if one is neither, and naming the
+module if it is a BatchNorm or keeps persistent buffers: nothing merges or exports them.
 
 Head n's A matrices are drawn from a generator seeded by (seed, n), layer after layer in module
 order, so the one-head model of head n and head n of the stacked model start identical.
@@ -28,6 +29,7 @@ from . import rng
 from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
 from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear
 from .quant import check_format
+from .spec import LTESpec, QuantSpec, RunSpec
 
 
 class ParameterizeError(ValueError):
@@ -36,14 +38,17 @@ class ParameterizeError(ValueError):
 
 @dataclass(frozen=True)
 class LTEConfig:
-    heads: int = 4
-    rank: int = 8
-    alpha: float = 64.0
-    variant: str = "exact"
-    init: str = "orthogonal"
-    quant: str = "none"
-    keep_norm_affine: bool = False
-    seed: int = 0
+    """The layer-level settings of `lte.*` (job.lte_config builds one from a Spec); the defaults
+    are the Spec's, so the library and the CLI never disagree."""
+
+    heads: int = LTESpec.heads
+    rank: int = LTESpec.rank
+    alpha: float = LTESpec.alpha
+    variant: str = LTESpec.variant
+    init: str = LTESpec.init
+    quant: str = QuantSpec.base
+    keep_norm_affine: bool = LTESpec.keep_norm_affine
+    seed: int = RunSpec.seed
 
     def __post_init__(self):
         if not isinstance(self.heads, int) or self.heads <= 0:
@@ -76,6 +81,7 @@ class Plan:
 def plan(model: nn.Module, keep_norm_affine: bool = False) -> Plan:
     """Prepare `model` in place and decide, for every parameter, LoRA or replica."""
     record = prepare(model, keep_norm_affine)
+    _refuse_unmergeable_state(model)
     lora = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     lora_weights = {f"{n}.weight" for n in lora}
     modules = dict(model.named_modules())
@@ -94,6 +100,30 @@ def plan(model: nn.Module, keep_norm_affine: bool = False) -> Plan:
             "Replace that layer with Linears, or freeze it out of the model."
         )
     return Plan(lora, replicas, record)
+
+
+def _refuse_unmergeable_state(model: nn.Module) -> None:
+    """Refuse BatchNorm and any module with persistent buffers (state a forward may update).
+
+    Heads would each update their own copy of such state, the merge has no rule for it and the
+    export would leave it out, so the merged model would evaluate with its init-time statistics.
+    BatchNorm is refused even without running statistics: in the fused engine its batch
+    statistics would mix all heads' samples, so heads would no longer train independently.
+    """
+    for owner, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise ParameterizeError(
+                f"module {owner!r} ({type(m).__name__}): BatchNorm is not supported by LTE (its running "
+                "statistics are neither merged nor exported, and its batch statistics would mix the "
+                "heads' samples); use LayerNorm or GroupNorm"
+            )
+        for bname, buf in m._buffers.items():
+            if buf is not None and bname not in m._non_persistent_buffers_set:
+                raise ParameterizeError(
+                    f"module {owner!r} ({type(m).__name__}) keeps buffer {bname!r}: state that LTE neither "
+                    "merges across heads nor exports; register it with persistent=False if it is a "
+                    "constant, or use a layer without it"
+                )
 
 
 def _split(name: str) -> tuple[str, str]:

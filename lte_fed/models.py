@@ -9,12 +9,14 @@ seeded RNG and leaves the caller's RNG untouched).
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from . import rng
+from .spec import SpecError
 
 
 class Builder(Protocol):
@@ -38,10 +40,15 @@ def list_models() -> list[str]:
 
 def build_model(name: str, *, num_classes: int, img_size: int, in_chans: int, patch_size: int | None = None,
                 seed: int = 0) -> nn.Module:
+    """Raises SpecError naming the key for a size the model cannot take (checked before building,
+    so no assertion from deep inside timm or torchvision reaches the user)."""
     if name not in _REGISTRY:
-        raise ValueError(f"model.name={name!r} is unknown; available: {', '.join(list_models())}")
-    if patch_size is not None and img_size % patch_size:
-        raise ValueError(f"model.img_size={img_size} is not divisible by model.patch_size={patch_size}")
+        raise SpecError(f"model.name: {name!r} is unknown; available: {', '.join(list_models())}")
+    patch = patch_size or getattr(_REGISTRY[name], "default_patch", None)
+    if patch is not None and img_size % patch:
+        why = f"is {patch} (the model's default)" if patch_size is None else f"is {patch}"
+        raise SpecError(f"model.img_size: {img_size} px is not divisible by the patch size, which {why}; "
+                        "set model.img_size or model.patch_size")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng.derive_seed(seed, rng.MODEL))
         return _REGISTRY[name](num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
@@ -58,6 +65,7 @@ def _timm_vit(*, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float, d
             global_pool="token",
         )
 
+    build.default_patch = default_patch
     return build
 
 
@@ -78,6 +86,7 @@ def _timm_mixer(*, embed_dim: int, num_blocks: int, default_patch: int):
             num_blocks=num_blocks, embed_dim=embed_dim, mlp_ratio=(0.5, 4.0),
         )
 
+    build.default_patch = default_patch
     return build
 
 
@@ -93,14 +102,25 @@ def _tv_vit(*, hidden_dim: int, num_layers: int, num_heads: int, mlp_dim: int, d
     def build(*, num_classes: int, img_size: int, in_chans: int, patch_size: int | None) -> nn.Module:
         from torchvision.models.vision_transformer import VisionTransformer
 
-        if in_chans != 3:
-            raise ValueError("torchvision's ViT takes 3-channel images (model.in_chans=3)")
-        return VisionTransformer(
+        model = VisionTransformer(
             image_size=img_size, patch_size=patch_size or default_patch, num_layers=num_layers,
             num_heads=num_heads, hidden_dim=hidden_dim, mlp_dim=mlp_dim, num_classes=num_classes,
         )
+        if in_chans != 3:  # torchvision hard-codes 3 input channels: swap in the data's count
+            model.conv_proj = _tv_patch_conv(model.conv_proj, in_chans)
+        return model
 
+    build.default_patch = default_patch
     return build
+
+
+def _tv_patch_conv(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
+    """`conv` taking `in_chans` channels, initialized as torchvision initializes its own."""
+    new = nn.Conv2d(in_chans, conv.out_channels, kernel_size=conv.kernel_size, stride=conv.stride)
+    fan_in = in_chans * conv.kernel_size[0] * conv.kernel_size[1]
+    nn.init.trunc_normal_(new.weight, std=math.sqrt(1 / fan_in))
+    nn.init.zeros_(new.bias)
+    return new
 
 
 register_model("tv_vit_digits")(_tv_vit(hidden_dim=64, num_layers=4, num_heads=4, mlp_dim=128, default_patch=2))

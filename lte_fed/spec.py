@@ -1,12 +1,19 @@
 """The run specification: every config key of `lte-fed`, typed, with defaults and validation.
 
+These dataclasses are the ONE home of every key and its default. Hydra composes on top of them
+(`HYDRA_NODE`, registered below; conf/ holds only presets: models, data sets, experiments), and
+Flower's `[tool.flwr.app.config]` table in pyproject.toml is written from them
+(scripts/write_flwr_config.py; a test keeps it equal to `flower_run_config()`).
+
 Hydra (conf/) produces a nested dict; `Spec.from_dict` turns it into this tree and `validate`
-rejects bad values before any training starts, with one message naming the key.
+rejects bad values (wrong type included) before any training starts, with one message naming
+the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,12 +147,46 @@ def _build(kind, d: dict[str, Any] | None, prefix: str):
         if f.name not in d:
             continue
         v = d.pop(f.name)
-        sub = {"lte": LTESpec, "quant": QuantSpec, "model": ModelSpec, "data": DataSpec, "train": TrainSpec, "run": RunSpec}
-        kwargs[f.name] = _build(sub[f.name], v, f"{f.name}.") if kind is Spec and f.name in sub else v
+        kwargs[f.name] = _build(f.default_factory, v, f"{f.name}.") if dataclasses.is_dataclass(f.default_factory) else v
     d.pop("hydra", None)
     if d:
         raise SpecError(f"unknown config key(s): {', '.join(prefix + k for k in d)}")
     return kind(**kwargs)
+
+
+def flat_defaults() -> dict[str, Any]:
+    """Every key with its default, flat: {"method": "lte", "lte.heads": 2, ...}."""
+    out = {}
+    for group, value in Spec().to_dict().items():
+        if isinstance(value, dict):
+            out |= {f"{group}.{k}": v for k, v in value.items()}
+        else:
+            out[group] = value
+    return out
+
+
+# Keys `flwr run` does not take: in a deployment the federation's config sets the resources.
+NOT_IN_FLOWER_CONFIG = ("run.client_cpus", "run.client_gpus")
+
+
+def flower_run_config() -> dict[str, Any]:
+    """pyproject.toml's [tool.flwr.app.config]: the defaults, with "" for null (TOML has none)."""
+    return {k: "" if v is None else v for k, v in flat_defaults().items() if k not in NOT_IN_FLOWER_CONFIG}
+
+
+# The node Hydra composes on (conf/config.yaml's defaults list names it): the defaults as a plain,
+# untyped dict, so a value of the wrong type reaches `validate` and ends in its one-line
+# "key: why" instead of a multi-line OmegaConf error.
+HYDRA_NODE = "lte_fed_spec"
+
+
+def _register_with_hydra() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=HYDRA_NODE, node=Spec().to_dict())
+
+
+_register_with_hydra()  # at import, as Hydra's structured configs are: `lte-fed` and compose() need it
 
 
 def _need(cond: bool, key: str, why: str) -> None:
@@ -153,8 +194,27 @@ def _need(cond: bool, key: str, why: str) -> None:
         raise SpecError(f"{key}: {why}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _has_type(v, t) -> bool:
+    if t is float:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, t) and (t is bool or not isinstance(v, bool))  # True is an int to Python
+
+
+def _check_types(node, prefix: str = "") -> None:
+    """Every value has its field's type (None only where the default may be null)."""
+    for name, hint in typing.get_type_hints(type(node)).items():
+        v, key = getattr(node, name), prefix + name
+        if dataclasses.is_dataclass(hint):
+            _check_types(v, f"{key}.")
+            continue
+        kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+        optional = len(kinds) < len(typing.get_args(hint) or (hint,))
+        if not (v is None and optional or any(_has_type(v, t) for t in kinds)):
+            want = " or ".join([_TYPE_NAMES[t] for t in kinds] + ["null"] * optional)
+            raise SpecError(f"{key}: must be {want}, got {v!r}")
 
 
 def validate(s: Spec) -> Spec:
@@ -164,11 +224,12 @@ def validate(s: Spec) -> Spec:
     from .models import list_models
     from .quant import QUANT_FORMATS
 
+    _check_types(s)
     _need(s.method in METHODS, "method", f"{s.method!r} is not one of {', '.join(METHODS)}")
-    _need(_is_int(s.lte.heads) and s.lte.heads > 0, "lte.heads", f"must be a positive integer, got {s.lte.heads!r}")
-    _need(_is_int(s.lte.rank) and s.lte.rank > 0, "lte.rank", f"must be a positive integer, got {s.lte.rank!r}")
+    _need(s.lte.heads > 0, "lte.heads", f"must be a positive integer, got {s.lte.heads!r}")
+    _need(s.lte.rank > 0, "lte.rank", f"must be a positive integer, got {s.lte.rank!r}")
     _need(isinstance(s.lte.alpha, (int, float)) and s.lte.alpha > 0, "lte.alpha", f"must be > 0, got {s.lte.alpha!r}")
-    _need(_is_int(s.lte.merge_every) and s.lte.merge_every > 0, "lte.merge_every", f"must be a positive integer, got {s.lte.merge_every!r}")
+    _need(s.lte.merge_every > 0, "lte.merge_every", f"must be a positive integer, got {s.lte.merge_every!r}")
     _need(s.lte.variant in VARIANTS, "lte.variant", f"{s.lte.variant!r} is not one of {', '.join(VARIANTS)}")
     _need(s.lte.init in INITS, "lte.init", f"{s.lte.init!r} is not one of {', '.join(INITS)}")
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
@@ -176,26 +237,36 @@ def validate(s: Spec) -> Spec:
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")
     _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
     _need(s.data.alpha > 0, "data.alpha", f"must be > 0, got {s.data.alpha!r}")
-    _need(_is_int(s.train.batch_size) and s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
+    _need(s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
     if s.method in ("lte", "fedavg") and not s.lte.same_batch:
         _need(s.train.batch_size % s.lte.heads == 0, "train.batch_size",
               f"{s.train.batch_size} is not divisible by lte.heads={s.lte.heads} (each head gets batch_size / heads)")
-    _need(_is_int(s.train.steps) and s.train.steps > 0, "train.steps", f"must be a positive integer, got {s.train.steps!r}")
-    _need(_is_int(s.train.warmup) and 0 <= s.train.warmup <= s.train.steps, "train.warmup", f"must be in [0, train.steps], got {s.train.warmup!r}")
+    _need(s.train.steps > 0, "train.steps", f"must be a positive integer, got {s.train.steps!r}")
+    # A warm-up longer than the run is cut to its length (train.lr_at): short runs just work.
+    _need(s.train.warmup >= 0, "train.warmup", f"must be >= 0, got {s.train.warmup!r}")
     _need(s.train.lr is None or s.train.lr > 0, "train.lr", f"must be > 0, got {s.train.lr!r}")
     _need(s.train.clip >= 0, "train.clip", f"must be >= 0, got {s.train.clip!r}")
+    _need(s.train.weight_decay >= 0, "train.weight_decay", f"must be >= 0, got {s.train.weight_decay!r}")
+    _need(s.train.eval_batch > 0, "train.eval_batch", f"must be a positive integer, got {s.train.eval_batch!r}")
+    _need(0 < s.data.test_fraction < 1, "data.test_fraction", f"must be in (0, 1), got {s.data.test_fraction!r}")
+    _need(s.data.synthetic_size > 0, "data.synthetic_size", f"must be a positive integer, got {s.data.synthetic_size!r}")
+    for key in ("img_size", "patch_size"):
+        v = getattr(s.model, key)
+        _need(v is None or v > 0, f"model.{key}", f"must be null or a positive integer, got {v!r}")
     _need(s.run.engine in ENGINES, "run.engine", f"{s.run.engine!r} is not one of {', '.join(ENGINES)}")
     _need(s.run.device in ("auto", "cpu", "cuda") or s.run.device.startswith("cuda:"), "run.device", f"{s.run.device!r} is not auto, cpu or cuda")
     _need(s.run.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision", f"{s.run.precision!r} is not auto, fp32, bf16 or fp16")
-    _need(_is_int(s.run.seed), "run.seed", f"must be an integer, got {s.run.seed!r}")
-    _need(_is_int(s.run.min_heads) and 1 <= s.run.min_heads, "run.min_heads", f"must be a positive integer, got {s.run.min_heads!r}")
-    for key in ("max_update_ratio", "max_update_outlier"):
-        v = getattr(s.run, key)
-        _need(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0, f"run.{key}", f"must be >= 0 (0 disables), got {v!r}")
+    _need(s.run.min_heads >= 1, "run.min_heads", f"must be a positive integer, got {s.run.min_heads!r}")
+    _need(s.run.checkpoint_every >= 1, "run.checkpoint_every", f"must be a positive integer, got {s.run.checkpoint_every!r}")
+    _need(s.run.round_timeout > 0, "run.round_timeout", f"must be > 0, got {s.run.round_timeout!r}")
+    _need(s.run.client_cpus > 0, "run.client_cpus", f"must be > 0, got {s.run.client_cpus!r}")
+    _need(s.run.client_gpus >= 0, "run.client_gpus", f"must be >= 0, got {s.run.client_gpus!r}")
+    _need(s.run.max_update_ratio >= 0, "run.max_update_ratio", f"must be >= 0 (0 disables), got {s.run.max_update_ratio!r}")
+    _need(s.run.max_update_outlier >= 0, "run.max_update_outlier", f"must be >= 0 (0 disables), got {s.run.max_update_outlier!r}")
     if s.method == "fedavg":
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
-    if s.method == "mhlora" or s.lte.same_batch:
-        _need(s.run.engine == "fused" or s.method != "mhlora", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
+    if s.method == "mhlora":
+        _need(s.run.engine == "fused", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")
         _need(kind in ("raise", "nan", "shape", "hang") and len(rest) == 2 and all(r.isdigit() for r in rest),

@@ -17,10 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from .spec import SpecError
 
 
 def lr_at(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (step is 0-based)."""
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `total` (step is 0-based).
+
+    A warm-up longer than the run is cut to the run's length, so a short run (say, a 6-step
+    smoke test under the default warm-up) warms up throughout instead of being refused."""
+    warmup = min(warmup, total)
     if step < warmup:
         return base_lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
@@ -31,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"run.device={name} but no CUDA device is available; use run.device=cpu or auto")
+        raise SpecError(f"run.device: {name} but no CUDA device is available; use run.device=cpu or auto")
     return torch.device(name)
 
 
@@ -74,8 +79,10 @@ class BatchSource:
     img_size: int
     augment: bool
     seed: int
+    same_batch: bool = False  # every head draws head 0's batch (lte.same_batch; one-head methods)
 
     def batch(self, head: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        head = 0 if self.same_batch else head  # a Flower node asks for its own head's batch
         idx = D.head_batch_indices(self.shards[head], step, self.per_head_batch, self.seed, head)
         x, y = D.make_batch(self.data, idx, train=True, img_size=self.img_size, augment=self.augment,
                             seed=self.seed, head=head, step=step)

@@ -93,6 +93,58 @@ def test_unsupported_parameter_fails_loudly_by_name():
         parameterize_head(model, CFG, head=0)
 
 
+class _Counter(nn.Module):
+    """A layer with state its forward updates, the way BatchNorm's running statistics are."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("seen", torch.zeros(()))
+        self.register_buffer("scratch", torch.zeros(()), persistent=False)  # not state: allowed
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return x
+
+
+@pytest.mark.parametrize("norm, owner", [
+    (nn.BatchNorm1d(16), "BatchNorm1d"),
+    (nn.BatchNorm1d(16, track_running_stats=False), "BatchNorm1d"),  # batch statistics mix the heads
+    (_Counter(), "_Counter"),
+])
+def test_a_layer_whose_state_nothing_merges_is_refused_by_module_name(norm, owner):
+    """BatchNorm's running statistics (any persistent buffer) would be trained per head, never
+    merged and left out of the export: refused when the model is built, before any training."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), norm, nn.GELU(), nn.Linear(16, 10))
+    for build in (lambda: parameterize(model, CFG), lambda: parameterize_head(model, CFG, head=1)):
+        with pytest.raises(ParameterizeError, match=rf"^module '2' \({owner}"):
+            build()
+
+
+def test_a_non_persistent_buffer_is_fine():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, x):
+            return x * self.scale
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), Scaled(), nn.Linear(16, 10))
+    assert parameterize(model, CFG)(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 3])
+def test_torchvision_vit_takes_the_datas_channels(in_chans):
+    """torchvision hard-codes 3 input channels; the builder gives it the data's count."""
+    model = build_model("tv_vit_digits", num_classes=10, img_size=8, in_chans=in_chans)
+    assert model.conv_proj.weight.shape == (64, in_chans, 2, 2)
+    x = torch.randn(4, in_chans, 8, 8)
+    lte = parameterize(model, CFG)
+    assert lte(torch.cat([x, x])).shape == (8, 10)
+    fresh = build_model("tv_vit_digits", num_classes=10, img_size=8, in_chans=in_chans, seed=1)
+    fresh.load_state_dict(lte.export_plain_state())  # strict: the export fits the plain model
+
+
 @pytest.mark.parametrize("kwargs, key", [
     (dict(rank=0), "lte.rank"),
     (dict(heads=0), "lte.heads"),
