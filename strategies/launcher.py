@@ -109,6 +109,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _listens(pid: int, port: int) -> bool:
+    """`pid` itself holds the listening socket on `port` (not another run's SuperLink that
+    took the port between our probe and our SuperLink's bind)."""
+    fds = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                fds.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+            except OSError:
+                pass  # closed meanwhile
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for row in map(str.split, table):  # local address, state (0A: LISTEN), inode
+        if row[3] == "0A" and int(row[1].split(":")[1], 16) == port and f"socket:[{row[9]}]" in fds:
+            return True
+    return False
+
+
 def _healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
@@ -128,7 +147,7 @@ def start_superlink(env: dict, log) -> int:
             env=env, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
-            if _healthy(port):
+            if _listens(proc.pid, port) and _healthy(port):
                 return port
             time.sleep(0.1)
         stop_descendants(grace_s=2)
