@@ -30,6 +30,23 @@ class SpecError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+class ReportedError(RuntimeError):
+    """A user error that another process (the ServerApp under `flwr run`) already reported."""
+
+
+# How every side of lte-fed reports an error the user can fix: one line, no traceback.
+ERROR_PREFIX = "lte-fed: error: "
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause (bad config, missing data, a model that cannot be
+    parameterized): reported as one line, never as a traceback."""
+    from .data import DataError
+    from .lte import ParameterizeError
+
+    return (SpecError, ReportedError, DataError, ParameterizeError, FileNotFoundError)
+
+
 @dataclass
 class LTESpec:
     heads: int = 2
@@ -100,6 +117,7 @@ class RunSpec:
     # only after the round timed out, as a node gone for that round).
     fault: str | None = None
     progress: bool = True
+    verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
     checkpoint_every: int = 1  # in merges
 
 

@@ -1,21 +1,22 @@
 """The Flower ServerApp: LTE through LTEStrategy, or the baseline through FedAvgStrategy
-(FedAvg on the full model (method=fedavg), on the same data split and in the same round loop.
+(FedAvg on the full model, method=fedavg), on the same data split and in the same round loop.
 
 `flwr run .` reads the run spec from the run config (keys mirror the Hydra keys, e.g.
-`lte.heads`, `train.steps`; see [tool.flwr.app.config] in pyproject.toml). The `lte-fed` CLI
-builds the app with `make_server_app(spec)` instead.
+`lte.heads`, `train.steps`; see [tool.flwr.app.config] in pyproject.toml); the `lte-fed` CLI
+runs the same app through `flwr run` (strategies/simulation.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import sys
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lte_fed.job import setup
-from lte_fed.spec import Spec
+from lte_fed.spec import ERROR_PREFIX, Spec, user_errors, validate
 
 from .fedavg_strategy import FedAvgStrategy
 from .lte_strategy import LTEStrategy
@@ -48,17 +49,19 @@ def run_server(grid: Grid, spec: Spec) -> None:
     strategy.start(grid)
 
 
-def make_server_app(spec: Spec | None = None, stop_after_rounds: int | None = None) -> ServerApp:
-    """A ServerApp for `spec` (the CLI's way), or reading the run config when None (`flwr run`)."""
-    app = ServerApp()
+app = ServerApp()
 
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        if spec is None:
-            _log_progress()
-        run_server(grid, spec if spec is not None else spec_from_run_config(dict(context.run_config)))
 
-    return app
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The spec comes from the run config (`flwr run --run-config`; the `lte-fed` CLI writes
+    the whole spec there). A user error ends the run with one line, no traceback: Flower would
+    log a raised exception's traceback, and `flwr run` exits 0 for a submitted run either way."""
+    _log_progress()
+    try:
+        run_server(grid, validate(spec_from_run_config(dict(context.run_config))))
+    except user_errors() as e:
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
 
 
 def _log_progress() -> None:
@@ -70,6 +73,3 @@ def _log_progress() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-
-
-app = make_server_app()
