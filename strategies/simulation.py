@@ -78,7 +78,22 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     if reported:
         raise ReportedError(reported)
     raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
-                       f"{launcher.returncode}): see {log_path}")
+                       f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
+
+
+def _fmt(value, spec: str) -> str:
+    """A metric for the bar; a round that merged nothing has no loss (null in metrics.jsonl)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _last_traceback(log_path: Path, lines: int = 25) -> str:
+    """The end of the last traceback in Flower's log, so that a crash says what crashed."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    starts = [i for i, line in enumerate(text) if "Traceback (most recent call last)" in line]
+    return "" if not starts else "\n" + "\n".join(text[starts[-1]:starts[-1] + lines])
 
 
 def _stop(launcher: subprocess.Popen) -> None:
@@ -113,8 +128,8 @@ def _wait_with_progress(launcher: subprocess.Popen, spec: Spec, rundir: RunDir, 
             if len(rows) > seen:
                 row, seen = rows[-1], len(rows)
                 bar.update(row["step"] - bar.n)
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['test_acc']:.1f}",
-                                samples_s=f"{row['samples'] / max(row['wall_s'], 1e-9):.0f}")
+                bar.set_postfix(loss=_fmt(row.get("train_loss"), ".3f"), acc=_fmt(row.get("test_acc"), ".1f"),
+                                samples_s=_fmt(row["samples"] / max(row["wall_s"], 1e-9), ".0f"))
     finally:
         bar.close()
 
