@@ -1,13 +1,15 @@
 """`lte-fed`: the Hydra app. `lte-fed key=value ...` runs one job; `lte-fed -m a=1,2 b=3,4` sweeps.
 
 A user error (bad config, missing data, a model that cannot be parameterized) ends in one line
-`lte-fed: error: ...` and exit code 2, never a traceback from deep inside.
+`lte-fed: error: ...` and exit code 2, never a traceback from deep inside. Ctrl-C or SIGTERM
+stops the job cleanly (exit 130 / 143) and says how to resume it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -15,20 +17,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lte_fed.spec import Spec, SpecError
+from lte_fed.rundir import RunDir
+from lte_fed.spec import ERROR_PREFIX, Spec, user_errors
 
 log = logging.getLogger("lte_fed")
 
 # The reference the default job is compared to when no `full` run is at hand: method=full on
 # digits with vit_digits, seed 0 (see README, "Results").
 REFERENCE_PATH = Path(__file__).with_name("reference.json")
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from lte_fed.data import DataError
-    from lte_fed.lte import ParameterizeError
-
-    return (SpecError, DataError, ParameterizeError, FileNotFoundError)
 
 
 def run_job(spec: Spec, out: str | Path) -> dict:
@@ -80,14 +76,31 @@ def _bytes(n: float) -> str:
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: Hydra reads a relative one as a module
 
 
+class Stopped(Exception):
+    """SIGTERM, raised where the job is, so that it stops as cleanly as on Ctrl-C."""
+
+
+def _stopped(signum, _frame):
+    raise Stopped(signum)
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def _main(cfg: DictConfig) -> float | None:
+    out = None
+    signal.signal(signal.SIGTERM, _stopped)
     try:
+        out = cfg.run.out or HydraConfig.get().runtime.output_dir
         spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))
-        out = spec.run.out or HydraConfig.get().runtime.output_dir
         summary = run_job(spec, out)
+    except (KeyboardInterrupt, Stopped) as e:
+        # Both engines checkpoint every merge (run.checkpoint_every): the run resumes from there.
+        name = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
+        can_resume = out is not None and RunDir(out).checkpoint_path.exists()
+        print(f"lte-fed: stopped by {name}; " + (f"resume with run.resume={Path(out).resolve()}" if can_resume
+              else "no merge had finished, nothing to resume"), file=sys.stderr)
+        sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
     except user_errors() as e:
-        print(f"lte-fed: error: {e}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
         if HydraConfig.get().mode.name == "MULTIRUN":
             _record_failure(HydraConfig.get().runtime.output_dir, e)
             return None

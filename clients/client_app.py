@@ -1,9 +1,11 @@
 """The Flower ClientApp: one LTE head per message (and the full-model FedAvg baseline client).
 
 A TRAIN message for LTE names the head to train and carries q(W), the merged replicas and the
-run spec (protocol.py). The worker holds only the quantized base and that head; it keeps the
-head (A, B, V) and its AdamW state between rounds in `context.state` and, on a deployed node
-with `state-dir` in its node config, on disk too (so a restarted SuperNode gets its head back).
+run spec (protocol.py); the config's "source" says where the head's state comes from (see
+strategies/lte_strategy.py). The worker holds only the quantized base and that head. It keeps
+the head (A, B, V) and its AdamW state between rounds on disk, under its state dir (node config
+`state-dir`; in simulation `<run dir>/client-state`), by run id, head and round, in safetensors:
+a restarted node, or a resumed server, finds it there.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from flwr.clientapp import ClientApp
 from lte_fed import protocol as P
 from lte_fed.job import batch_source, lte_config, setup
 from lte_fed.lte import HeadLTE
+from lte_fed.rundir import CLIENT_STATE
 from lte_fed.spec import Spec
-from lte_fed.train import lr_at, make_optimizer, train_head
+from lte_fed.train import (load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, prefixed, train_head,
+                           unprefixed)
 
 log = logging.getLogger("lte_fed.client")
 app = ClientApp()
@@ -83,34 +87,46 @@ def _node_spec_json(spec_json: str, node_config) -> str:
 
 # ------------------------------------------------------------------------------------ LTE
 def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, config) -> Message:
-    head = int(_need(config, "head", "train config"))
+    head, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
     _, job, src = _job(spec_json)
     model = _head_model(spec_json, head)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
-    store = _HeadStore(context, spec, head)
-    rnd = int(_need(config, "round", "train config"))
-
-    if P.RESTORE in msg.content:  # taking the head over: its state as of its last merge
-        model.load_head_state(msg.content[P.RESTORE].to_torch_state_dict())
-    elif bool(config.get("fresh", False)):  # never trained: its init, drawn from (seed, head)
-        model.load_head_state(model.init_state)
-    elif not store.load(model, opt, int(_need(config, "state_round", "train config"))):
-        raise ClientConfigError(f"no saved state of head {head} on this node and no 'restore' in the message")
-    if bool(_need(config, "committed", "train config")):
-        model.commit_merge()  # our last contribution is in W now: V <- B A (exact) or B <- 0
+    store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
+    _load_head(model, opt, store, msg, config)
     model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
     model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                         precision=spec.run.precision)
-    store.save(model, opt, rnd)
+    store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)))
 
     reply = _inject_fault(spec, head, rnd, model.head_state())
     metrics = {"head": head, "partition": int(context.node_config.get("partition-id", -1)),
                "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch}
     return Message(RecordDict({P.HEAD: ArrayRecord(P.wire(reply)), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", msg: Message, config) -> None:
+    """The head's state as the server's "source" says (strategies/lte_strategy.py)."""
+    source = str(_need(config, "source", "train config"))
+    if source == "fresh":  # never trained: its init, drawn from (seed, head)
+        model.load_head_state(model.init_state)
+        return
+    if source in ("local", "local-or-restore"):
+        saved = store.load(int(_need(config, "state_round", "train config")))
+        if saved is not None:
+            model.load_head_state(unprefixed("head", saved))
+            load_optimizer_tensors(opt, unprefixed("opt", saved))
+            if bool(_need(config, "committed", "train config")):
+                model.commit_merge()  # our last update is in W now: V <- B A (exact) or B <- 0
+            return
+    if source in ("restore", "local-or-restore") and P.RESTORE in msg.content:
+        model.load_head_state(msg.content[P.RESTORE].to_torch_state_dict())  # as of its last merge; AdamW anew
+        return
+    raise ClientConfigError(f"{store.name}: no saved state for round {config.get('state_round')} on this node "
+                            f"and no {P.RESTORE!r} record (source {source!r})")
 
 
 def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -132,89 +148,70 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
     return reply
 
 
-class _HeadStore:
-    """A head's state (A, B, V, replicas) and AdamW state between rounds, tagged with the
-    round that produced it: in context.state, and on disk (node_config 'state-dir', else
-    '<run.out>/client-state') so a restarted node or a resumed run continues exactly.
-    The last two rounds are kept on disk: a server that resumes from its checkpoint of round k
-    asks for round k's state even if round k+1 had already trained."""
+class StateFiles:
+    """One worker's state between rounds (a head's factors, or a FedAvg worker's nothing, plus
+    its AdamW moments) as `<state dir>/<run id>/<name>-r<round>.safetensors`.
 
-    def __init__(self, context: Context, spec: Spec, head: int):
-        self.context, self.head = context, head
-        state_dir = context.node_config.get("state-dir") or (Path(spec.run.out) / "client-state" if spec.run.out else None)
-        self.dir = Path(str(state_dir)) if state_dir else None
+    Keyed by run id, so a state dir shared by several runs never feeds one run another's state.
+    Rounds from `keep_from` (the server's last checkpoint) on are kept: a server resumed from
+    that checkpoint asks for exactly that round.
+    """
+
+    def __init__(self, context: Context, spec: Spec, run_id: str, name: str):
+        root = context.node_config.get("state-dir") or (Path(spec.run.out) / CLIENT_STATE if spec.run.out else None)
+        if not root:
+            raise ClientConfigError("no state dir: set node config 'state-dir' (or run.out in simulation)")
+        if not run_id or not all(c.isalnum() or c in "-_" for c in run_id):
+            raise ClientConfigError(f"bad run id {run_id!r} in the train config")
+        self.dir, self.name = Path(str(root)) / run_id, name
 
     def _file(self, rnd: int) -> Path:
-        return self.dir / f"head-{self.head}-r{rnd}.pt"
+        return self.dir / f"{self.name}-r{rnd}.safetensors"
 
-    def save(self, model: HeadLTE, opt: torch.optim.Optimizer, rnd: int) -> None:
-        head = P.wire(model.head_state(with_corr=True))
-        optim = _flatten_optimizer(opt)
-        self.context.state[f"head-{self.head}"] = ArrayRecord(head)
-        self.context.state[f"opt-{self.head}"] = ArrayRecord(optim)
-        self.context.state[f"meta-{self.head}"] = ConfigRecord({"round": rnd})
-        if self.dir is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = self._file(rnd).with_suffix(".tmp")
-            torch.save({"head": head, "opt": optim}, tmp)
-            tmp.replace(self._file(rnd))
-            self._file(rnd - 2).unlink(missing_ok=True)
+    def save(self, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, rnd: int, keep_from: int) -> None:
+        from safetensors.torch import save_file
 
-    def load(self, model: HeadLTE, opt: torch.optim.Optimizer, rnd: int) -> bool:
-        """Load the state the head had at the end of round `rnd`; False if there is none."""
-        meta = self.context.state.get(f"meta-{self.head}")
-        if meta is not None and int(meta["round"]) == rnd:
-            head = self.context.state[f"head-{self.head}"].to_torch_state_dict()
-            optim = self.context.state[f"opt-{self.head}"].to_torch_state_dict()
-        elif self.dir is not None and self._file(rnd).exists():
-            saved = torch.load(self._file(rnd), map_location="cpu")
-            head, optim = saved["head"], saved["opt"]
-            log.info("head %d: state of round %d loaded from %s", self.head, rnd, self._file(rnd))
-        else:
-            return False
-        model.load_head_state(head)
-        _load_optimizer(opt, optim)
-        return True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        flat = {k: t.contiguous() for k, t in (prefixed("head", tensors) | prefixed("opt", optimizer_tensors(opt))).items()}
+        tmp = self._file(rnd).with_suffix(".tmp")
+        save_file(flat, str(tmp), metadata={"round": str(rnd)})
+        tmp.replace(self._file(rnd))
+        for old in self.dir.glob(f"{self.name}-r*.safetensors"):
+            k = old.name[len(self.name) + 2:-len(".safetensors")]
+            if k.isdigit() and int(k) < min(keep_from, rnd):
+                old.unlink(missing_ok=True)
 
+    def load(self, rnd: int) -> dict[str, torch.Tensor] | None:
+        """The state saved at the end of round `rnd`, or None if this node has none."""
+        from safetensors.torch import load_file
 
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """AdamW state as flat tensors: '<param index>.<key>' (step, exp_avg, exp_avg_sq)."""
-    sd = opt.state_dict()["state"]
-    return {f"{i}.{k}": torch.as_tensor(v).clone() for i, s in sd.items() for k, v in s.items()}
-
-
-def _load_optimizer(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    if not flat:
-        return
-    sd = opt.state_dict()
-    state: dict[int, dict] = {}
-    for key, t in flat.items():
-        i, _, k = key.partition(".")
-        state.setdefault(int(i), {})[k] = t
-    sd["state"] = state
-    opt.load_state_dict(sd)
+        if not self._file(rnd).exists():
+            return None
+        log.info("%s: state of round %d loaded from %s", self.name, rnd, self._file(rnd))
+        return load_file(str(self._file(rnd)))
 
 
 # ------------------------------------------------------------------------------- FedAvg
 def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) -> Message:
-    """Full-model baseline: T local AdamW steps of the whole plain model on this node's shard."""
-    config = msg.content[P.CONFIG]
-    pid = int(_need(context.node_config, "partition-id", "node config"))
-    rnd = int(_need(config, "server-round", "train config"))
+    """Full-model baseline: T local AdamW steps of the whole plain model on this worker's shard."""
+    config = _need(msg.content, P.CONFIG, "train message")
+    worker, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
     _, job, src = _job(spec_json)
     model = _plain_model(spec_json)
-    model.load_state_dict(_need(msg.content, "arrays", "train message").to_torch_state_dict())
+    model.load_state_dict(_need(msg.content, P.WEIGHTS, "train message").to_torch_state_dict())
     opt = make_optimizer(list(model.parameters()), spec.lr, spec.train.weight_decay)
-    if "fedavg-opt" in context.state:
-        _load_optimizer(opt, context.state["fedavg-opt"].to_torch_state_dict())
+    store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"worker-{worker}")
+    saved = store.load(int(_need(config, "state_round", "train config")))
+    if saved is not None:
+        load_optimizer_tensors(opt, unprefixed("opt", saved))
     start = (rnd - 1) * spec.merge_every
     steps = min(spec.merge_every, spec.train.steps - start)
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    losses = train_head(model, opt, src, pid, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
+    losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                         precision=spec.run.precision)
-    context.state["fedavg-opt"] = ArrayRecord(_flatten_optimizer(opt))
-    metrics = {"train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch}
-    return Message(RecordDict({"arrays": ArrayRecord(P.wire(model.state_dict())), "metrics": MetricRecord(metrics)}),
+    store.save({}, opt, rnd, int(config.get("keep_from", 0)))
+    metrics = {"head": worker, "train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch}
+    return Message(RecordDict({P.WEIGHTS: ArrayRecord(P.wire(model.state_dict())), P.METRICS: MetricRecord(metrics)}),
                    reply_to=msg)
 
 

@@ -1,4 +1,4 @@
-# Process helpers shared by deploy/*.sh and scripts/flwr_simulation.sh (sourced, not run).
+# Process helpers shared by deploy/*.sh (sourced, not run).
 
 # running PID: the process exists and is not a zombie (an exited process nobody reaped yet; in
 # containers whose PID 1 does not reap, those linger and `kill -0` still succeeds on them).

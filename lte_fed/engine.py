@@ -23,9 +23,10 @@ from torch import nn
 
 from .job import LORA_METHODS, Job, batch_source, lte_config, setup  # noqa: F401 (re-exported)
 from .lte import StackedLTE, accounting
-from .rundir import RunDir
+from .rundir import RunDir, open_resume
 from .spec import Spec, SpecError
-from .train import autocast, clip_per_head, evaluate, head_alignment, lr_at, make_optimizer
+from .train import (autocast, clip_per_head, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
+                    optimizer_tensors, prefixed, unprefixed)
 
 
 
@@ -141,24 +142,23 @@ class FusedRun:
 
     # --- checkpoints
     def save_checkpoint(self) -> None:
-        self.dir.save_checkpoint({
-            "spec": self.spec.to_dict(), "step": self.step, "round": self.round, "wall_s": self.wall,
-            "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-        })
+        tensors = prefixed("model", self.model.state_dict()) | prefixed("opt", optimizer_tensors(self.opt))
+        self.dir.save_checkpoint(tensors, {"spec": self.spec.to_dict(), "step": self.step, "round": self.round,
+                                           "wall_s": self.wall})
 
-    def resume_from(self, path: str | Path) -> None:
-        ckpt = RunDir(path).load_checkpoint()
-        _check_same_job(ckpt["spec"], self.spec.to_dict())
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["opt"])
-        self.step, self.round, self.wall = ckpt["step"], ckpt["round"], ckpt["wall_s"]
-        self.dir.keep_metrics_through(self.round)
+    def resume(self) -> None:
+        """Continue from the checkpoint in `run.resume`, into this run's directory (any)."""
+        src, tensors, meta = open_resume(self.spec)
+        self.model.load_state_dict(unprefixed("model", tensors))
+        load_optimizer_tensors(self.opt, unprefixed("opt", tensors))
+        self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
+        self.dir.adopt_history(src, self.round)
 
     # --- the whole run
     def run(self, stop_after_rounds: int | None = None) -> dict:
         s = self.spec
         if s.run.resume:
-            self.resume_from(s.run.resume)
+            self.resume()
         from tqdm.auto import tqdm
 
         bar = tqdm(total=s.train.steps, initial=self.step, disable=not s.run.progress, unit="step",
@@ -209,21 +209,6 @@ def build_summary(s: Spec, rows: list[dict], job: Job, params: dict | None = Non
         "params": params or {},
         **extra,
     }
-
-
-# Keys that may differ between a run and its resumption.
-_RESUME_FREE = {("run", "resume"), ("run", "out"), ("run", "progress"), ("run", "device")}
-
-
-def _check_same_job(saved: dict, now: dict) -> None:
-    for group, vals in now.items():
-        if not isinstance(vals, dict):
-            if saved.get(group) != vals:
-                raise SpecError(f"run.resume: {group}={vals!r} differs from the checkpoint's {saved.get(group)!r}")
-            continue
-        for k, v in vals.items():
-            if (group, k) not in _RESUME_FREE and saved.get(group, {}).get(k) != v:
-                raise SpecError(f"run.resume: {group}.{k}={v!r} differs from the checkpoint's {saved.get(group, {}).get(k)!r}")
 
 
 def run_fused(spec: Spec, out: str | Path) -> dict:

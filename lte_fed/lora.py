@@ -74,6 +74,19 @@ def merge_update(
     return delta * (scale / B.shape[0])
 
 
+@torch.no_grad()
+def commit_factors(A: torch.Tensor, B: torch.Tensor, VA: torch.Tensor | None, VB: torch.Tensor | None,
+                   variant: str) -> None:
+    """What happens to a head once its update is in W, in place (one head or stacked heads):
+    exact -> V <- B A (kept as its factors: VA <- A, VB <- B); reset -> B <- 0. A and the
+    optimizer state are kept either way, and A is never redrawn."""
+    if variant == "exact":
+        VA.copy_(A)
+        VB.copy_(B)
+    else:
+        B.zero_()
+
+
 def _lora_term(x, A, B, VA, VB):
     """B (A x) - V_B (V_A x) for one head: x (..., n), A (r, n), B (m, r) -> (..., m)."""
     out = F.linear(F.linear(x, A), B)
@@ -125,12 +138,8 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def commit_merge(self) -> None:
-        """This head's contribution is now in W: exact -> V <- B A; reset -> B <- 0."""
-        if self.variant == "exact":
-            self.corr_A.copy_(self.lora_A)
-            self.corr_B.copy_(self.lora_B)
-        else:
-            self.lora_B.zero_()
+        """This head's contribution is now in W (`commit_factors`)."""
+        commit_factors(self.lora_A, self.lora_B, self.corr_A, self.corr_B, self.variant)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}->{self.out_features}, rank={self.rank}, scale={self.scale:g}, {self.variant}"
@@ -223,11 +232,7 @@ class StackedLoRALinear(nn.Module):
         """W <- W + (s/N) Σ (B_n A_n - V_n); then V <- B A (exact) or B <- 0 (reset); biases
         averaged; q(W) refreshed."""
         self.weight += merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.scale).to(self.weight)
-        if self.variant == "exact":
-            self.corr_A.copy_(self.lora_A)
-            self.corr_B.copy_(self.lora_B)
-        else:
-            self.lora_B.zero_()
+        commit_factors(self.lora_A, self.lora_B, self.corr_A, self.corr_B, self.variant)
         if self.bias is not None:
             self.bias.copy_(self.bias.mean(0, keepdim=True).expand_as(self.bias))
         if self.base is not None:

@@ -19,10 +19,12 @@ Worker -> server:
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 
 import torch
 
-BASE, REPLICAS, RESTORE, CONFIG, HEAD, METRICS, WEIGHTS = "base", "replicas", "restore", "config", "head", "metrics", "weights"
+BASE, REPLICAS, RESTORE, CONFIG, HEAD, METRICS, WEIGHTS = "base", "replicas", "restore", "config", "head", "metrics", "arrays"
 
 
 def wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -61,6 +63,59 @@ def validate_head_reply(got: dict[str, torch.Tensor], layout: dict[str, tuple[tu
             raise ReplyError(f"{k!r} has dtype {t.dtype}, expected {dtype}")
         if not torch.isfinite(t).all():
             raise ReplyError(f"{k!r} has non-finite values")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate made of a reply: the checked head state, or why it was refused."""
+
+    state: dict[str, torch.Tensor] | None
+    train_loss: float = math.nan
+    reason: str | None = None
+
+
+def screen_reply(content, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], head: int,
+                 error: str | None = None, arrays: str = HEAD) -> Verdict:
+    """The one gate every worker reply goes through before anything is merged.
+
+    `content` is whatever the reply carried (a Flower RecordDict, or anything else a broken or
+    hostile worker could send); `error` is the reply's error reason, if it was an error reply.
+    Returns the tensors of record `arrays` (exactly `layout`'s names, shapes, dtypes, all
+    finite) with the training loss, or the reason it was refused. Nothing raised inside escapes.
+    """
+    try:
+        if error is not None:
+            raise ReplyError(f"the worker failed: {str(error)[:300]}")
+        state, loss = _decode(content, head, arrays)
+        validate_head_reply(state, layout)
+        return Verdict(state, loss)
+    except ReplyError as e:
+        return Verdict(None, reason=str(e))
+    except Exception as e:  # noqa: BLE001 -- by design: no reply can crash the server
+        return Verdict(None, reason=f"unreadable reply ({type(e).__name__}: {str(e)[:200]})")
+
+
+def _decode(content, head: int, arrays: str) -> tuple[dict[str, torch.Tensor], float]:
+    if content is None or not hasattr(content, "keys"):
+        raise ReplyError(f"no records in the reply (got {type(content).__name__})")
+    if arrays not in content:
+        raise ReplyError(f"no {arrays!r} record in the reply")
+    record = content[arrays]
+    if not callable(getattr(record, "to_torch_state_dict", None)):
+        raise ReplyError(f"the {arrays!r} record is a {type(record).__name__}, not arrays")
+    try:
+        state = dict(record.to_torch_state_dict())
+    except Exception as e:  # noqa: BLE001 -- truncated bytes, unknown serialization, odd dtypes
+        raise ReplyError(f"the {arrays!r} arrays cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from None
+    if METRICS not in content or not hasattr(content[METRICS], "keys"):
+        raise ReplyError(f"no {METRICS!r} record in the reply")
+    metrics = content[METRICS]
+    claimed, loss = metrics.get("head"), metrics.get("train_loss")
+    if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed != head:
+        raise ReplyError(f"the reply is for head {claimed!r}, not head {head}")
+    if not isinstance(loss, (int, float)) or isinstance(loss, bool) or not math.isfinite(loss):
+        raise ReplyError(f"train_loss is {loss!r}, not a finite number")
+    return state, float(loss)
 
 
 def spec_to_json(spec_dict: dict) -> str:

@@ -4,22 +4,63 @@
                        test_acc, bytes_up, bytes_down, wall_s, ...)
     summary.json       resolved config, final metrics, totals
     model.safetensors  the merged plain model (no LoRA), loadable by the plain model builder
-    checkpoint.pt      everything needed to resume exactly
+    checkpoint.safetensors  everything needed to resume exactly: tensors in safetensors, the
+                       rest (round, spec, flags, run id) as JSON in its metadata
+    client-state/      (Flower simulation) each head's local state, by run id and round
 
 Files are written to a temporary name and renamed, so a run killed mid-write never leaves a
-truncated model or checkpoint behind.
+truncated model or checkpoint behind. Nothing here is ever unpickled: a run directory written
+by someone else can be resumed from safely. JSON never holds a bare NaN (it becomes null).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .spec import SpecError
+
 METRIC_FIELDS = ("round", "step", "samples", "train_loss", "test_loss", "test_acc", "bytes_up", "bytes_down", "wall_s")
+
+
+CHECKPOINT = "checkpoint.safetensors"
+CLIENT_STATE = "client-state"
+_META_KEY = "lte-fed"
+
+# Spec keys that may differ between a run and its resumption: none changes the math.
+RESUME_FREE = {("run", k) for k in ("resume", "out", "progress", "verbose", "device", "round_timeout", "fault",
+                                    "checkpoint_every", "client_cpus", "client_gpus")} | {("train", "eval_batch")}
+
+
+def jsonable(obj: Any) -> Any:
+    """`obj` with every non-finite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    return obj
+
+
+def check_resumable(saved: dict, now: dict) -> None:
+    """Raise SpecError naming the first key where the checkpoint's spec and this one differ in
+    a way that would change the run."""
+    for group in sorted(set(saved) | set(now)):
+        a, b = saved.get(group), now.get(group)
+        if not isinstance(b, dict) or not isinstance(a, dict):
+            if a != b:
+                raise SpecError(f"run.resume: {group}={b!r} differs from the checkpoint's {a!r}")
+            continue
+        for k in sorted(set(a) | set(b)):
+            if (group, k) not in RESUME_FREE and a.get(k) != b.get(k):
+                raise SpecError(f"run.resume: {group}.{k}={b.get(k)!r} differs from the checkpoint's {a.get(k)!r}")
 
 
 def _atomic(path: Path, write) -> None:
@@ -33,6 +74,12 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
 
+    @classmethod
+    def existing(cls, path: str | os.PathLike) -> "RunDir":
+        if not Path(path).is_dir():
+            raise SpecError(f"run.resume: {path} is not a directory")
+        return cls(path)
+
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
@@ -42,20 +89,22 @@ class RunDir:
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
 
     def read_metrics(self) -> list[dict[str, Any]]:
         if not self.metrics_path.exists():
             return []
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
-    def keep_metrics_through(self, last_round: int) -> None:
-        """On resume: drop rows logged after the checkpoint we resume from."""
-        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+    def adopt_history(self, source: "RunDir", last_round: int) -> None:
+        """On resume: this run's history is `source`'s up to the checkpoint we resume from (rows
+        logged after it are dropped: they will be logged again). `source` may be this run dir."""
+        rows = [r for r in source.read_metrics() if r["round"] <= last_round]
         _atomic(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        _atomic(self.path / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2, default=str)))
+        text = json.dumps(jsonable(summary), indent=2, default=str, allow_nan=False)
+        _atomic(self.path / "summary.json", lambda p: p.write_text(text))
 
     def read_summary(self) -> dict[str, Any]:
         return json.loads((self.path / "summary.json").read_text())
@@ -73,12 +122,47 @@ class RunDir:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.path / "checkpoint.pt"
+        return self.path / CHECKPOINT
 
-    def save_checkpoint(self, obj: dict[str, Any]) -> None:
-        _atomic(self.checkpoint_path, lambda p: torch.save(obj, p))
+    def save_checkpoint(self, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Tensors to safetensors, `meta` (JSON-able) into its header; one atomic file."""
+        from safetensors.torch import save_file
 
-    def load_checkpoint(self) -> dict[str, Any]:
+        flat = {k: t.detach().cpu().contiguous().clone() for k, t in tensors.items()}
+        header = {_META_KEY: json.dumps(jsonable(meta), allow_nan=False)}
+        _atomic(self.checkpoint_path, lambda p: save_file(flat, str(p), metadata=header))
+
+    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, meta) of the checkpoint; SpecError (naming run.resume) if there is none or
+        it cannot be read."""
+        from safetensors import safe_open
+
         if not self.checkpoint_path.exists():
-            raise FileNotFoundError(f"run.resume: no checkpoint.pt in {self.path}")
-        return torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
+            raise SpecError(f"run.resume: no {CHECKPOINT} in {self.path}")
+        try:
+            with safe_open(str(self.checkpoint_path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})[_META_KEY])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: say so, in one line
+            raise SpecError(f"run.resume: {self.checkpoint_path} is not a readable lte-fed checkpoint "
+                            f"({type(e).__name__}: {e})") from None
+        return tensors, meta
+
+    def client_state_dir(self) -> Path:
+        return self.path / CLIENT_STATE
+
+    def adopt_client_state(self, source: "RunDir", run_id: str) -> None:
+        """On resume (simulation): the heads' local state of `run_id`, written under `source`, is
+        copied here, so the clients of the resumed run find it where they look."""
+        src, dst = source.client_state_dir() / run_id, self.client_state_dir() / run_id
+        if src.resolve() == dst.resolve() or not src.is_dir():
+            return
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def open_resume(spec) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
+    """The run dir `spec.run.resume` names, its checkpoint, checked against `spec`."""
+    src = RunDir.existing(spec.run.resume)
+    tensors, meta = src.load_checkpoint()
+    check_resumable(meta.get("spec", {}), spec.to_dict())
+    return src, tensors, meta

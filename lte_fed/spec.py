@@ -30,6 +30,23 @@ class SpecError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+class ReportedError(RuntimeError):
+    """A user error that another process (the ServerApp under `flwr run`) already reported."""
+
+
+# How every side of lte-fed reports an error the user can fix: one line, no traceback.
+ERROR_PREFIX = "lte-fed: error: "
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors a user can cause (bad config, missing data, a model that cannot be
+    parameterized): reported as one line, never as a traceback."""
+    from .data import DataError
+    from .lte import ParameterizeError
+
+    return (SpecError, ReportedError, DataError, ParameterizeError, FileNotFoundError)
+
+
 @dataclass
 class LTESpec:
     heads: int = 2
@@ -90,11 +107,17 @@ class RunSpec:
     client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
     min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
+    # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
+    # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
+    # heads' median, is rejected.
+    max_update_ratio: float = 10.0
+    max_update_outlier: float = 20.0
     # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
     # client fails), nan (replies NaN factors), shape (replies a wrong shape), hang (replies
     # only after the round timed out, as a node gone for that round).
     fault: str | None = None
     progress: bool = True
+    verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
     checkpoint_every: int = 1  # in merges
 
 
@@ -256,6 +279,8 @@ def validate(s: Spec) -> Spec:
     _need(s.run.round_timeout > 0, "run.round_timeout", f"must be > 0, got {s.run.round_timeout!r}")
     _need(s.run.client_cpus > 0, "run.client_cpus", f"must be > 0, got {s.run.client_cpus!r}")
     _need(s.run.client_gpus >= 0, "run.client_gpus", f"must be >= 0, got {s.run.client_gpus!r}")
+    _need(s.run.max_update_ratio >= 0, "run.max_update_ratio", f"must be >= 0 (0 disables), got {s.run.max_update_ratio!r}")
+    _need(s.run.max_update_outlier >= 0, "run.max_update_outlier", f"must be >= 0 (0 disables), got {s.run.max_update_outlier!r}")
     if s.method == "fedavg":
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
     if s.method == "mhlora":

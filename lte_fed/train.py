@@ -117,6 +117,35 @@ def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=False)
 
 
+def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's state as flat tensors '<param index>.<key>' (step, exp_avg, exp_avg_sq): what a
+    checkpoint or a worker's state file stores (the lr is set from the schedule every step)."""
+    return {f"{i}.{k}": torch.as_tensor(v).detach().clone() for i, st in opt.state_dict()["state"].items()
+            for k, v in st.items()}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Inverse of `optimizer_tensors` (an empty dict leaves a fresh optimizer)."""
+    if not flat:
+        return
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, t in flat.items():
+        i, _, k = key.partition(".")
+        state.setdefault(int(i), {})[k] = t
+    sd["state"] = state
+    opt.load_state_dict(sd)
+
+
+def prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": t for k, t in tensors.items()}
+
+
+def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    head = prefix + "."
+    return {k[len(head):]: t for k, t in tensors.items() if k.startswith(head)}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: D.ImageData, img_size: int, device: torch.device, batch_size: int = 512,
              precision: str = "fp32") -> dict[str, float]:

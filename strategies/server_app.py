@@ -1,31 +1,26 @@
-"""The Flower ServerApp: LTE through LTEStrategy, or the full-model baseline through Flower's
-own FedAvg (method=fedavg), on the same data split.
+"""The Flower ServerApp: LTE through LTEStrategy, or the baseline through FedAvgStrategy
+(FedAvg on the full model, method=fedavg), on the same data split and in the same round loop.
 
 `flwr run .` reads the run spec from the run config (keys mirror the Hydra keys, e.g.
-`lte.heads`, `train.steps`; see [tool.flwr.app.config] in pyproject.toml). The `lte-fed` CLI
-builds the app with `make_server_app(spec)` instead.
+`lte.heads`, `train.steps`; see [tool.flwr.app.config] in pyproject.toml); the `lte-fed` CLI
+runs the same app through `flwr run` (strategies/simulation.py).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import time
-from pathlib import Path
+import sys
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
-from lte_fed import protocol as P
-from lte_fed.engine import build_summary
 from lte_fed.job import setup
-from lte_fed.rundir import RunDir
-from lte_fed.spec import Spec
-from lte_fed.train import evaluate
+from lte_fed.spec import ERROR_PREFIX, Spec, user_errors, validate
 
-from .grid_utils import CountingGrid, wait_for_nodes
+from .fedavg_strategy import FedAvgStrategy
 from .lte_strategy import LTEStrategy
+from .rounds import out_dir
 
 log = logging.getLogger("lte_fed.server")
 
@@ -43,66 +38,30 @@ def spec_from_run_config(run_config: dict) -> Spec:
     return Spec.from_dict(nested)
 
 
-def run_server(grid: Grid, spec: Spec, stop_after_rounds: int | None = None) -> None:
-    out = Path(spec.run.out or f"outputs/flwr-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+def run_server(grid: Grid, spec: Spec) -> None:
+    """One run: LTE (LTEStrategy) or the full-model FedAvg baseline, from the start or resumed."""
     spec = copy.deepcopy(spec)
-    spec.run.out = str(out)
+    spec.run.out = str(out_dir(spec))
     job = setup(spec)
-    if spec.method == "fedavg":
-        run_fedavg(grid, spec, job, out)
-        return
-    strategy = LTEStrategy(spec, job, out, round_timeout=spec.run.round_timeout)
+    strategy = (FedAvgStrategy if spec.method == "fedavg" else LTEStrategy)(spec, job, spec.run.out)
     if spec.run.resume:
-        strategy.load_state_dict(RunDir(spec.run.resume).load_checkpoint())
-        strategy.dir.keep_metrics_through(strategy.round)
-        log.info("resumed from %s at round %d", spec.run.resume, strategy.round)
-    strategy.start(grid, stop_after_rounds=stop_after_rounds)
+        strategy.resume()
+    strategy.start(grid)
 
 
-def run_fedavg(grid: Grid, spec: Spec, job, out: Path) -> None:
-    """Flower's FedAvg on the plain model: every node trains T local steps on its shard."""
-    rundir = RunDir(out)
-    counting = CountingGrid(grid)
-    N = spec.lte.heads
-    wait_for_nodes(grid, N, 3600)
-    model = copy.deepcopy(job.plain).to(job.device)
-    t0 = time.perf_counter()
-    last = {"up": 0, "down": 0}
-
-    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if server_round == 0:
-            return None
-        model.load_state_dict(arrays.to_torch_state_dict())
-        ev = evaluate(model, job.data, job.img_size, job.device, spec.train.eval_batch)
-        step = min(server_round * spec.merge_every, spec.train.steps)
-        row = {"round": server_round, "step": step, "samples": step * spec.train.batch_size,
-               "train_loss": float("nan"), **ev, "bytes_up": counting.bytes_up - last["up"],
-               "bytes_down": counting.bytes_down - last["down"], "wall_s": round(time.perf_counter() - t0, 3)}
-        last.update(up=counting.bytes_up, down=counting.bytes_down)
-        rundir.append_metrics(row)
-        return MetricRecord(ev)
-
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=N, min_available_nodes=N)
-    result = strategy.start(
-        grid=counting, initial_arrays=ArrayRecord(P.wire(model.state_dict())), num_rounds=spec.rounds,
-        train_config=ConfigRecord({"spec": P.spec_to_json(spec.to_dict())}), evaluate_fn=evaluate_fn,
-    )
-    model.load_state_dict(result.arrays.to_torch_state_dict())
-    rundir.save_model(model.state_dict(), metadata={"model": spec.model.name, "method": "fedavg"})
-    rundir.write_summary(build_summary(spec, rundir.read_metrics(), job))
+app = ServerApp()
 
 
-def make_server_app(spec: Spec | None = None, stop_after_rounds: int | None = None) -> ServerApp:
-    """A ServerApp for `spec` (the CLI's way), or reading the run config when None (`flwr run`)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        if spec is None:
-            _log_progress()
-        run_server(grid, spec if spec is not None else spec_from_run_config(dict(context.run_config)), stop_after_rounds)
-
-    return app
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """The spec comes from the run config (`flwr run --run-config`; the `lte-fed` CLI writes
+    the whole spec there). A user error ends the run with one line, no traceback: Flower would
+    log a raised exception's traceback, and `flwr run` exits 0 for a submitted run either way."""
+    _log_progress()
+    try:
+        run_server(grid, validate(spec_from_run_config(dict(context.run_config))))
+    except user_errors() as e:
+        print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)
 
 
 def _log_progress() -> None:
@@ -114,6 +73,3 @@ def _log_progress() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
-
-
-app = make_server_app()

@@ -1,100 +1,168 @@
-"""run.engine=flower from the `lte-fed` CLI: Flower's simulation engine, one virtual node per
-head (CPUs, or GPUs shared by fraction with run.client_gpus), and nothing left running after.
+"""run.engine=flower from the `lte-fed` CLI: the run goes through `flwr run` (Flower's supported
+path) on a private SuperLink in simulation mode, one simulated SuperNode per head.
+
+`strategies/launcher.py` owns the Flower processes and stops them; this side hands it the whole
+spec as a run-config file, shows a progress bar from the run directory's metrics.jsonl while it
+waits, keeps Flower's own logs in <run dir>/flower.log (echoed here with run.verbose=true), and
+on Ctrl-C (or any exception) has the launcher stop everything before it lets go.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-import os
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 from lte_fed.rundir import RunDir
-from lte_fed.spec import Spec, validate
+from lte_fed.spec import ERROR_PREFIX, ReportedError, Spec, SpecError, validate
 
-log = logging.getLogger("lte_fed")
-
-
-def ray_pids() -> set[int]:
-    """PIDs of Ray's processes (raylet, GCS, workers and actors) on this machine, from /proc."""
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "ray/_private" in cmd:
-            pids.add(int(entry.name))
-    return pids
+# Spec keys that size the simulation (--federation-config), not the app (--run-config).
+SIMULATION_KEYS = ("run.client_cpus", "run.client_gpus")
+POLL_S = 0.5
 
 
-def stop_pids(pids: set[int], grace_s: float = 10.0) -> None:
-    """Ray's actors can outlive the simulation by seconds: give them `grace_s` to exit, then
-    SIGTERM, then SIGKILL, so a run leaves nothing behind."""
-    import signal
-    import time
-
-    deadline = time.monotonic() + grace_s
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 3.0
-        while pids and time.monotonic() < deadline:
-            pids = {p for p in pids if Path(f"/proc/{p}").exists() and not _zombie(p)}
-            time.sleep(0.1)
-        if not pids:
-            return
+def run_config(spec: Spec) -> dict:
+    """The spec as `flwr run`'s flat run config ('lte.heads': 2); null is written as ""."""
+    flat = {}
+    for group, values in spec.to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{group}.{key}" if key else group
+            if name not in SIMULATION_KEYS:
+                flat[name] = "" if value is None else value
+    return flat
 
 
-def _zombie(pid: int) -> bool:
-    """True once `pid` has exited; reaps it when it is our own child."""
-    try:
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z":
-            return False
-    except OSError:
-        return True
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # someone else's child: its parent reaps it
-    return True
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # TOML reads Python's int and float literals, inf and nan included
+    return json.dumps(str(v))  # a TOML basic string
 
 
-def run_flower(spec: Spec, out: str | Path, stop_after_rounds: int | None = None) -> dict:
-    """Run `spec` in Flower's simulation engine; returns the run's summary."""
+def write_run_config(spec: Spec, path: Path) -> Path:
+    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config(spec).items()))
+    return path
+
+
+def run_flower(spec: Spec, out: str | Path) -> dict:
+    """Run `spec` through `flwr run` in Flower's simulation engine; returns the run's summary."""
     validate(spec)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    import ray
-    from flwr.simulation import run_simulation
-
-    from clients.client_app import app as client_app
-
-    from .server_app import make_server_app
-
+    cpus = spec.run.client_cpus
+    if not (isinstance(cpus, (int, float)) and cpus >= 1 and float(cpus).is_integer()):
+        raise SpecError(f"run.client_cpus: Flower's simulation takes a whole number of CPUs per node, got {cpus!r}")
     spec = copy.deepcopy(spec)
     spec.run.out = str(Path(out).resolve())
-    nodes = spec.lte.heads
-    backend = {
-        "client_resources": {"num_cpus": spec.run.client_cpus, "num_gpus": spec.run.client_gpus},
-        "init_args": {"include_dashboard": False, "log_to_driver": True},
-    }
-    before = ray_pids()
-    try:
-        run_simulation(server_app=make_server_app(spec, stop_after_rounds), client_app=client_app,
-                       num_supernodes=nodes, backend_config=backend)
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        stop_pids(ray_pids() - before)
     rundir = RunDir(spec.run.out)
-    if stop_after_rounds is not None:
-        return {"stopped_at_round": len(rundir.read_metrics())}
-    if not (rundir.path / "summary.json").exists():
-        raise RuntimeError(f"the Flower run ended without a summary in {rundir.path}: see the log above")
-    return rundir.read_summary()
+    log_path = rundir.path / "flower.log"
+    cmd = [sys.executable, "-m", "strategies.launcher", "--nodes", str(spec.lte.heads),
+           "--run-config", str(write_run_config(spec, rundir.path / "run_config.toml")),
+           "--cpus", str(int(cpus)), "--gpus", str(float(spec.run.client_gpus)), "--log", str(log_path)]
+    # Its own session: a Ctrl-C on the terminal reaches only us, and we stop the run in order.
+    started = time.time()
+    launcher = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
+    try:
+        _wait_with_progress(launcher, spec, rundir, log_path)
+    finally:
+        if launcher.poll() is None:  # Ctrl-C, SIGTERM made an exception, or any error: stop it all
+            _stop(launcher)
+    summary = rundir.path / "summary.json"
+    if summary.exists() and summary.stat().st_mtime >= started:  # this run's, not an earlier one's
+        return rundir.read_summary()
+    reported = _reported_error(log_path)
+    if reported:
+        raise ReportedError(reported)
+    raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
+                       f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
+
+
+def _fmt(value, spec: str) -> str:
+    """A metric for the bar; a round that merged nothing has no loss (null in metrics.jsonl)."""
+    return "-" if value is None else format(value, spec)
+
+
+def _last_traceback(log_path: Path, lines: int = 25) -> str:
+    """The end of the last traceback in Flower's log, so that a crash says what crashed."""
+    try:
+        text = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    starts = [i for i, line in enumerate(text) if "Traceback (most recent call last)" in line]
+    return "" if not starts else "\n" + "\n".join(text[starts[-1]:starts[-1] + lines])
+
+
+def _stop(launcher: subprocess.Popen) -> None:
+    """The launcher stops its process tree on SIGTERM; a second Ctrl-C must not cut that short."""
+    main = threading.current_thread() is threading.main_thread()  # only there can we mask signals
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        launcher.terminate()
+        launcher.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _wait_with_progress(launcher: subprocess.Popen, spec: Spec, rundir: RunDir, log_path: Path) -> None:
+    """Wait for the launcher; meanwhile follow metrics.jsonl (one row per merge) in a bar, or
+    with run.verbose=true, Flower's log."""
+    from tqdm.auto import tqdm
+
+    verbose = spec.run.verbose
+    bar = tqdm(total=spec.train.steps, disable=verbose or not spec.run.progress, unit="step",
+               dynamic_ncols=True, desc=f"{spec.method} flower")
+    bar.set_postfix_str("starting Flower")
+    seen, echoed = 0, 0
+    try:
+        while launcher.poll() is None or verbose and echoed < _size(log_path):
+            time.sleep(POLL_S)
+            if verbose:
+                echoed = _echo(log_path, echoed)
+                continue
+            rows = _complete_rows(rundir.metrics_path)
+            if len(rows) > seen:
+                row, seen = rows[-1], len(rows)
+                bar.update(row["step"] - bar.n)
+                bar.set_postfix(loss=_fmt(row.get("train_loss"), ".3f"), acc=_fmt(row.get("test_acc"), ".1f"),
+                                samples_s=_fmt(row["samples"] / max(row["wall_s"], 1e-9), ".0f"))
+    finally:
+        bar.close()
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _echo(path: Path, start: int) -> int:
+    """Copy what `path` gained since byte `start` to stderr; returns the new end."""
+    if not path.exists():
+        return start
+    with open(path, "rb") as f:
+        f.seek(start)
+        chunk = f.read()
+    sys.stderr.write(chunk.decode(errors="replace"))
+    sys.stderr.flush()
+    return start + len(chunk)
+
+
+def _complete_rows(path: Path) -> list[dict]:
+    """The rows written so far; a line still being written is left for the next look."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def _reported_error(log_path: Path) -> str | None:
+    """The one-line error the ServerApp printed, if it printed one."""
+    if not log_path.exists():
+        return None
+    for line in log_path.read_text(errors="replace").splitlines():
+        if ERROR_PREFIX in line:
+            return line.split(ERROR_PREFIX, 1)[1].strip()
+    return None

@@ -36,3 +36,27 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
 
 def model_of(run_dir: str | Path) -> dict[str, torch.Tensor]:
     return RunDir(run_dir).load_model()
+
+
+# Every process a run starts inherits its environment, Ray's daemons included: a unique value
+# of TAG in a run's environment finds everything of that run, and nothing of anyone else's.
+TAG = "LTE_FED_TEST_TAG"
+
+
+def tagged_processes(tag: str) -> list[str]:
+    """Live processes whose environment holds TAG=tag, as 'PID cmdline'."""
+    needle = f"{TAG}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile, or not ours to read
+        if state != "Z":  # an exited process not reaped yet runs nothing
+            found.append(f"{entry.name} {cmd[:200]}")
+    return found

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
+import uuid
 from pathlib import Path
 
 import pytest
+
+from .helpers import TAG, tagged_processes
 
 QUICK = ["data.name=synthetic", "data.synthetic_size=256", "lte.heads=2", "lte.rank=4", "lte.merge_every=3",
          "train.batch_size=16", "train.steps=6", "train.warmup=2", "run.progress=false", "run.device=cpu"]
@@ -16,6 +21,12 @@ QUICK = ["data.name=synthetic", "data.synthetic_size=256", "lte.heads=2", "lte.r
 def lte_fed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "app.cli", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600, env=_env())
+
+
+def lte_fed_started(*args: str, cwd: Path, tag: str) -> subprocess.Popen:
+    """`lte-fed` in the background; `tag` marks every process it starts (helpers.TAG)."""
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env() | {TAG: tag})
 
 
 def _env():
@@ -30,7 +41,7 @@ def test_a_fused_run_writes_its_directory_and_prints_the_table(tmp_path):
     r = lte_fed(*QUICK, "run.engine=fused", f"run.out={out}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "| lte (fused, N=2, r=4)" in r.stdout and "test acc" in r.stdout
-    assert {"metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.pt"} <= {p.name for p in out.iterdir()}
+    assert {"metrics.jsonl", "summary.json", "model.safetensors", "checkpoint.safetensors"} <= {p.name for p in out.iterdir()}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["lte"]["heads"] == 2 and summary["totals"]["sync_steps"] == 2
 
@@ -50,3 +61,58 @@ def test_missing_dataset_says_how_to_get_it(tmp_path):
                 f"run.out={tmp_path / 'x'}", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "lte-fed: error:" in r.stderr and str(tmp_path / "nothing") in r.stderr
+
+
+# ---------------------------------------------------------------- run.engine=flower, the default
+FLOWER = [a for a in QUICK if not a.startswith(("train.steps", "run.progress"))] + ["run.engine=flower"]
+
+
+def test_two_flower_runs_at_once_both_finish_and_leave_nothing_running(tmp_path):
+    """Each run has its own SuperLink on its own port and stops only its own process tree: the
+    short run ending (and cleaning up) does not touch the long one. The output is the default
+    job's: a progress bar and the table, no deprecation banner, no traceback."""
+    tags = {"short": uuid.uuid4().hex, "long": uuid.uuid4().hex}
+    steps = {"short": 3, "long": 30}  # 1 and 10 merges
+    runs = {name: lte_fed_started(*FLOWER, f"train.steps={steps[name]}", "run.progress=true",
+                                  f"run.out={tmp_path / name}", cwd=tmp_path, tag=tags[name])
+            for name in ("short", "long")}
+    outputs = {name: p.communicate(timeout=600) for name, p in runs.items()}
+    for name, p in runs.items():
+        out, err = outputs[name]
+        assert p.returncode == 0, err[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(3, steps[name] + 1, 3))
+        assert {"summary.json", "model.safetensors", "checkpoint.pt", "flower.log"} <= {
+            f.name for f in (tmp_path / name).iterdir()}
+        assert "| lte (flower, N=2, r=4)" in out
+        assert "lte flower" in err and f"{steps[name]}/{steps[name]}" in err, err[-2000:]  # the progress bar
+        assert "DEPRECATED" not in out + err and "Traceback" not in out + err, (out + err)[-3000:]
+        assert "Starting Flower" in (tmp_path / name / "flower.log").read_text()  # Flower's logs went there
+        assert tagged_processes(tags[name]) == [], f"the {name} run left processes running"
+
+
+def test_an_error_only_the_server_app_sees_is_one_line(tmp_path):
+    """A missing dataset passes validation and fails in the ServerApp's set-up, under `flwr run`:
+    Flower's own output (flower.log) holds one error line and no traceback, and `lte-fed` relays
+    that line and exits 2."""
+    out = tmp_path / "run"
+    r = lte_fed(*FLOWER, "train.steps=6", "data.name=cifar10", f"data.root={tmp_path / 'nothing'}",
+                f"run.out={out}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and r.stderr.count("lte-fed: error:") == 1, r.stderr[-3000:]
+    assert str(tmp_path / "nothing") in r.stderr.split("lte-fed: error:")[1]
+    flower_log = (out / "flower.log").read_text()
+    assert "Traceback" not in flower_log and flower_log.count("lte-fed: error:") == 1, flower_log[-3000:]
+
+
+def test_ctrl_c_stops_a_flower_run_and_says_how_to_resume(tmp_path):
+    out, tag = tmp_path / "run", uuid.uuid4().hex
+    p = lte_fed_started(*FLOWER, "train.steps=600", f"run.out={out}", cwd=tmp_path, tag=tag)
+    while p.poll() is None and not (out / "checkpoint.pt").exists():  # a merge has finished
+        time.sleep(0.5)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err[-3000:]
+    assert f"resume with run.resume={out}" in err and "Traceback" not in err, err[-3000:]
+    assert tagged_processes(tag) == [], "the stopped run left processes running"
+    assert not (out / "summary.json").exists()

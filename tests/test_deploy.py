@@ -282,7 +282,7 @@ def check_run_dir(out: Path, rounds: int, model: str = "vit_digits") -> list[dic
     assert all(math.isfinite(r["test_loss"]) and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["lte"]["heads"] == NODES and summary["config"]["data"]["name"] == "synthetic"
-    assert (out / "checkpoint.pt").exists()
+    assert (out / "checkpoint.safetensors").exists()
     state = RunDir(out).load_model()
     assert all(torch.isfinite(t).all() for t in state.values())
     plain = build_model(model, num_classes=10, img_size=8, in_chans=3)
@@ -301,22 +301,66 @@ def test_a_nodes_data_root_overrides_the_runs():
     assert P.spec_from_json(_node_spec_json(spec_json, {"data-root": "/dev/data"}))["data"]["root"] == "/dev/data"
 
 
-def test_lte_runs_through_a_tls_authenticated_deployment(deployment, tmp_path):
-    nodes = subprocess.run([BIN / "flwr", "supernode", "list", deployment.federation], env=deployment.env,
-                           capture_output=True, text=True, timeout=60)
-    assert nodes.returncode == 0 and nodes.stdout.count("online") >= NODES, nodes.stdout + nodes.stderr
-    out, log = tmp_path / "run", tmp_path / "flwr-run.log"
+@pytest.fixture(scope="module")
+def clean_run(deployment, tmp_path_factory):
+    """One uninterrupted LTE run (2 rounds) through the deployment: (run dir, flwr run's output)."""
+    tmp = tmp_path_factory.mktemp("clean")
+    out, log = tmp / "run", tmp / "flwr-run.log"
     t0 = time.monotonic()
     text = finish(deployment.run(run_config(out, steps=4), log), log, timeout=400)
     print(f"2 rounds through the deployment in {time.monotonic() - t0:.1f} s")
+    return out, text
+
+
+def test_lte_runs_through_a_tls_authenticated_deployment(deployment, clean_run):
+    nodes = subprocess.run([BIN / "flwr", "supernode", "list", deployment.federation], env=deployment.env,
+                           capture_output=True, text=True, timeout=60)
+    assert nodes.returncode == 0 and nodes.stdout.count("online") >= NODES, nodes.stdout + nodes.stderr
+    out, text = clean_run
     rows = check_run_dir(out, rounds=2)
     print("wall_s per round:", [r["wall_s"] for r in rows])
     assert [r["merged_heads"] for r in rows] == [3, 3]
-    assert "round 2: merged 3 head(s)" in text, text[-4000:]  # the ServerApp's progress, streamed
-    assert "no reply from node" not in text and "rejected reply" not in text and "goes to node" not in text
-    # each node trained its own head (partition-id = head) and kept its state where it was told
+    assert "round 2: merged 3 of 3" in text, text[-4000:]  # the ServerApp's progress, streamed
+    assert "not merged" not in text and "goes to node" not in text
+    # each node trained its own head (partition-id = head) and kept its state where it was told,
+    # under the run's id
+    run_id = json.loads((out / "summary.json").read_text())["run_id"]
     for i in range(NODES):
-        assert sorted(p.name for p in (deployment.state / f"node_{i}").iterdir()) == [f"head-{i}-r1.pt", f"head-{i}-r2.pt"]
+        assert sorted(p.name for p in (deployment.state / f"node_{i}" / run_id).iterdir()) == [
+            f"head-{i}-r1.safetensors", f"head-{i}-r2.safetensors"]
+
+
+def serverapp_of(d: Deployment) -> int | None:
+    """The flwr-serverapp process the SuperLink runs (a descendant of the SuperLink's PID)."""
+    found = [p for p in descendants(d.pid("superlink")) if "flwr-serverapp" in cmdline(p) and running(p)]
+    return found[0] if found else None
+
+
+def test_a_killed_server_resumes_to_the_uninterrupted_runs_weights(deployment, clean_run, tmp_path):
+    """The ServerApp process is SIGKILLed after round 1's checkpoint; `flwr run` again with
+    run.resume into a new directory finishes with the weights of the uninterrupted run, the
+    nodes continuing their heads from their state dirs (AdamW included)."""
+    d = deployment
+    cut, log = tmp_path / "cut", tmp_path / "cut.log"
+    proc = d.run(run_config(cut, steps=4), log)
+    deadline = time.monotonic() + 300
+    while not (cut / "checkpoint.safetensors").exists():
+        assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-4000:]
+        time.sleep(0.2)
+    pid = serverapp_of(d)
+    assert pid is not None, "no flwr-serverapp under the SuperLink"
+    assert not wait_gone(kill_tree(pid, signal.SIGKILL), 10)
+    assert len(RunDir(cut).read_metrics()) == 1, "round 2 finished before the server was killed"
+    kill_tree(proc.pid, signal.SIGTERM)  # `flwr run --stream` of the dead run
+    proc.wait(timeout=30)
+
+    resumed, log2 = tmp_path / "resumed", tmp_path / "resumed.log"
+    text = finish(d.run(run_config(resumed, steps=4, extra=f"run.resume='{cut}'"), log2), log2, timeout=400)
+    rows = check_run_dir(resumed, rounds=2)  # the whole history, round 1 from before the crash
+    assert [r["merged_heads"] for r in rows] == [3, 3]
+    assert "goes to node" not in text, text[-4000:]  # every node had its own head's state
+    clean, now = RunDir(clean_run[0]).load_model(), RunDir(resumed).load_model()
+    assert max(float((clean[k] - now[k]).abs().max()) for k in clean) == 0.0
 
 
 def test_an_unregistered_supernode_is_refused(deployment, credentials, tmp_path):
@@ -390,12 +434,12 @@ def test_a_killed_node_is_survived_and_a_restarted_one_continues(deployment, tmp
     print(events)
     # round 2 waited for the dead node and merged the two heads that answered ...
     assert merged[:2] == [3, 2], merged
-    assert "round 2: head 1 on node" in text and "Node Unavailable" in text, text[-4000:]
+    assert "round 2: head 1 (node" in text and "Node Unavailable" in text, text[-4000:]
     # ... then the dead node's head went to a live node with its state: all heads merge again
     assert "round 3: head 1 goes to node" in text, text[-4000:]
     assert merged[2] == 3, f"{merged}\n{events}\n--- node logs ---\n" + "\n".join(
         f"[node {i}] " + "\n".join(d.log(f"supernode_{i}").splitlines()[-15:]) for i in range(NODES))
     # the restarted node trained head 2 in round 3 from the state it had saved before the restart
-    assert any(f.stat().st_mtime > restarted for f in (d.state / "node_2").glob("head-2-r3.pt"))
+    assert any(f.stat().st_mtime > restarted for f in (d.state / "node_2").glob("*/head-2-r3.safetensors"))
     assert "head 2 goes to node" not in text, text[-4000:]
     assert running(d.pid("supernode_2")) and running(d.pid("supernode_0"))

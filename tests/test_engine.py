@@ -32,7 +32,7 @@ def test_each_method_writes_the_run_directory(tmp_path, method):
     assert summary["totals"]["sync_steps"] == 2 and summary["totals"]["samples"] == 96
     assert summary["config"]["method"] == method and summary["final"]["test_acc"] == rows[-1]["test_acc"]
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
-    assert (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "checkpoint.safetensors").exists()
     # the exported model is the plain architecture: it loads strictly into a fresh build
     plain = build_model("vit_digits", num_classes=10, img_size=8, in_chans=3, seed=123)
     plain.load_state_dict(model_of(tmp_path), strict=True)

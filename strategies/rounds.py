@@ -1,0 +1,93 @@
+"""The server's round loop, shared by LTE and the FedAvg baseline.
+
+`RoundLoop.start` waits for the nodes, then per round: configure (one message per worker),
+push and pull, aggregate, evaluate the merged model on the server, append a row to
+metrics.jsonl and checkpoint. A subclass supplies one round (`configure_train`,
+`aggregate_train`), the model (`plain_state`) and its checkpoint (`save_checkpoint`,
+`resume`). Resuming starts the loop after the checkpointed round.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy.result import Result
+
+from lte_fed.engine import build_summary
+from lte_fed.job import Job
+from lte_fed.rundir import RunDir
+from lte_fed.spec import Spec
+from lte_fed.train import evaluate
+
+from .grid_utils import PartitionMap, send_and_receive, wait_for_nodes
+
+log = logging.getLogger("lte_fed.server")
+
+
+class RoundLoop(Strategy):
+    """Subclasses set: spec, job, dir, partitions, run_id, round, wall, checkpointed,
+    bytes_up, bytes_down, round_loss, alignment."""
+
+    spec: Spec
+    job: Job
+    dir: RunDir
+    partitions: PartitionMap
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord | None = None, num_rounds: int | None = None,
+              timeout: float = 3600, train_config: ConfigRecord | None = None,
+              evaluate_config: ConfigRecord | None = None, evaluate_fn=None) -> Result:
+        s = self.spec
+        self.summary()
+        num_rounds = num_rounds or s.rounds
+        self.eval_model = copy.deepcopy(self.job.plain).to(self.job.device)
+        result = Result()
+        if self.round < num_rounds:
+            wait_for_nodes(grid, s.lte.heads, timeout)
+        while self.round < num_rounds:
+            rnd, t0 = self.round + 1, time.perf_counter()
+            self.partitions.discover(grid, timeout)  # nodes that (re)joined since
+            msgs = list(self.configure_train(rnd, None, ConfigRecord(), grid))
+            replies = send_and_receive(grid, msgs, s.run.round_timeout)
+            _, metrics = self.aggregate_train(rnd, replies)
+            self.round = rnd
+            self.wall += time.perf_counter() - t0
+            row = self.log_round(rnd, metrics)
+            result.train_metrics_clientapp[rnd] = metrics
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord({k: row[k] for k in ("test_loss", "test_acc")})
+            if rnd % s.run.checkpoint_every == 0 or rnd == num_rounds:
+                self.save_checkpoint()
+        self.finish()
+        return result
+
+    def log_round(self, rnd: int, metrics: MetricRecord) -> dict:
+        s = self.spec
+        self.eval_model.load_state_dict(self.plain_state())
+        ev = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
+        step = min(rnd * s.merge_every, s.train.steps)
+        row = {"round": rnd, "step": step, "samples": step * s.train.batch_size, "train_loss": self.round_loss, **ev,
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
+               "merged_heads": int(metrics["merged_heads"]), **self.alignment}
+        self.alignment = {}
+        self.dir.append_metrics(row)
+        log.info("round %d: merged %d of %d, train loss %s, test acc %.2f%%, up %d B, down %d B", rnd,
+                 row["merged_heads"], s.heads, "-" if math.isnan(row["train_loss"]) else f"{row['train_loss']:.4f}",
+                 row["test_acc"], row["bytes_up"], row["bytes_down"])
+        return row
+
+    def finish(self) -> dict:
+        s = self.spec
+        self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
+        summary = build_summary(s, self.dir.read_metrics(), self.job, run_id=self.run_id)
+        self.dir.write_summary(summary)
+        return summary
+
+
+def out_dir(spec: Spec) -> Path:
+    return Path(spec.run.out or f"outputs/flwr-{time.strftime('%Y%m%d-%H%M%S')}").resolve()

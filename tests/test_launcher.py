@@ -1,0 +1,42 @@
+"""The launcher's process hygiene without Flower: as a child subreaper it keeps double-forked
+daemons (as Ray starts them) in its tree, and stops exactly its descendants, also those that
+ignore SIGTERM, while a same-named process of someone else's keeps running."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+from .helpers import TAG, tagged_processes
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CHILD = textwrap.dedent("""
+    import os, subprocess
+    from strategies import launcher
+    launcher._prctl(launcher.PR_SET_CHILD_SUBREAPER, 1)
+    # Two daemons whose parent shell exits at once (a double fork); one ignores SIGTERM.
+    subprocess.run(["bash", "-c", "(sleep 300 &); (trap '' TERM; exec sleep 301) & exit 0"], check=True)
+    print(len(launcher.descendants(os.getpid())), flush=True)
+    launcher.stop_descendants(grace_s=1)
+    print(len(launcher.descendants(os.getpid())), flush=True)
+""")
+
+
+def test_stop_descendants_gets_double_forked_daemons_and_nothing_else():
+    mine, theirs = uuid.uuid4().hex, uuid.uuid4().hex
+    other = subprocess.Popen(["sleep", "300"], env=os.environ | {TAG: theirs})  # same name, not the launcher's
+    try:
+        r = subprocess.run([sys.executable, "-c", CHILD], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env=os.environ | {TAG: mine, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.split() == ["2", "0"]  # both daemons stayed in its tree, then were stopped
+        assert tagged_processes(mine) == []
+        assert other.poll() is None and len(tagged_processes(theirs)) == 1
+    finally:
+        other.kill()
+        other.wait()

@@ -1,0 +1,127 @@
+"""A run interrupted with Ctrl-C, then resumed into a NEW directory, ends with the weights of an
+uninterrupted run and a metrics.jsonl holding every round — for the fused engine, the Flower
+engine and FedAvg, through the real `lte-fed` command. Also: what a resume refuses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lte_fed.rundir import RunDir
+
+from .helpers import max_abs_diff, model_of
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.timeout(900)
+
+
+def job(engine: str, method: str, steps: int) -> list[str]:
+    return [f"method={method}", f"run.engine={engine}", "data=synthetic", "data.synthetic_size=256", "lte.heads=2",
+            "lte.rank=4", "lte.alpha=32.0", "lte.merge_every=2", "train.batch_size=16", f"train.steps={steps}",
+            "train.warmup=2", "run.device=cpu", "run.progress=false"]
+
+
+def lte_fed(args: list[str], out: Path, log: Path) -> subprocess.Popen:
+    with open(log, "w") as f:  # a session of its own: Ctrl-C goes to its process group, as a terminal's would
+        return subprocess.Popen([str(BIN / "lte-fed"), *args, f"run.out={out}"], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def rounds_logged(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def ctrl_c_after(proc: subprocess.Popen, out: Path, rounds: int, log: Path) -> str:
+    """SIGINT once `rounds` rounds are logged: wherever that falls (before or after that round's
+    checkpoint), resuming must end where the uninterrupted run ends."""
+    deadline = time.monotonic() + 600
+    while rounds_logged(out) < rounds:
+        assert proc.poll() is None, f"the run ended before round {rounds}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    return log.read_text(errors="replace")
+
+
+@pytest.mark.parametrize("engine, method, steps, cut_at", [
+    ("fused", "lte", 120, 3),
+    ("flower", "lte", 12, 2),
+    ("flower", "fedavg", 12, 2),
+])
+def test_ctrl_c_then_resume_elsewhere_ends_as_an_uninterrupted_run(tmp_path, engine, method, steps, cut_at):
+    args = job(engine, method, steps)
+    whole = lte_fed(args, tmp_path / "whole", tmp_path / "whole.log")
+    assert whole.wait(timeout=800) == 0, (tmp_path / "whole.log").read_text()[-3000:]
+
+    cut = lte_fed(args, tmp_path / "cut", tmp_path / "cut.log")
+    text = ctrl_c_after(cut, tmp_path / "cut", cut_at, tmp_path / "cut.log")
+    assert cut.returncode != 0, text[-3000:]
+    assert "Traceback" not in text and "run.resume=" in text, text[-3000:]
+    assert len(RunDir(tmp_path / "cut").read_metrics()) < steps // 2, "the interrupt came too late to test anything"
+
+    resumed = lte_fed([*args, f"run.resume={tmp_path / 'cut'}"], tmp_path / "new", tmp_path / "new.log")
+    assert resumed.wait(timeout=800) == 0, (tmp_path / "new.log").read_text()[-3000:]
+    rows = RunDir(tmp_path / "new").read_metrics()
+    assert [r["round"] for r in rows] == list(range(1, steps // 2 + 1))
+    reference = RunDir(tmp_path / "whole").read_metrics()
+    assert [r["test_loss"] for r in rows] == pytest.approx([r["test_loss"] for r in reference], abs=1e-6)
+    assert [r["merged_heads"] for r in rows if "merged_heads" in r] == [r["merged_heads"] for r in reference if "merged_heads" in r]
+    assert max_abs_diff(model_of(tmp_path / "whole"), model_of(tmp_path / "new")) < 1e-6
+    summary = json.loads((tmp_path / "new" / "summary.json").read_text())
+    assert summary["totals"]["sync_steps"] == steps // 2
+
+
+def test_resuming_a_finished_run_into_a_new_directory_reports_it(tmp_path):
+    args = job("fused", "lte", 4)
+    assert lte_fed(args, tmp_path / "a", tmp_path / "a.log").wait(timeout=300) == 0
+    again = lte_fed([*args, f"run.resume={tmp_path / 'a'}"], tmp_path / "b", tmp_path / "b.log")
+    assert again.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
+    assert RunDir(tmp_path / "b").read_metrics() == RunDir(tmp_path / "a").read_metrics()
+    assert max_abs_diff(model_of(tmp_path / "a"), model_of(tmp_path / "b")) == 0.0
+
+
+@pytest.mark.parametrize("change, key", [("lte.rank=8", "lte.rank"), ("run.seed=1", "run.seed"),
+                                         ("method=full", "method")])
+def test_resume_refuses_another_job_in_one_line(tmp_path, change, key):
+    args = job("fused", "lte", 4)
+    assert lte_fed(args, tmp_path / "a", tmp_path / "a.log").wait(timeout=300) == 0
+    p = subprocess.run([str(BIN / "lte-fed"), *args, change, f"run.resume={tmp_path / 'a'}", f"run.out={tmp_path / 'b'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"run.resume: {key}" in p.stderr
+
+
+def test_a_checkpoint_is_never_unpickled(tmp_path):
+    """A checkpoint file that is a pickle (or anything but our safetensors) is refused, unread."""
+    import pickle
+
+    (tmp_path / "a").mkdir()
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    (tmp_path / "a" / "checkpoint.safetensors").write_bytes(pickle.dumps(Evil()))
+    p = subprocess.run([str(BIN / "lte-fed"), *job("fused", "lte", 4), f"run.resume={tmp_path / 'a'}",
+                        f"run.out={tmp_path / 'b'}"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "not a readable lte-fed checkpoint" in p.stderr, p.stderr
+    assert not marker.exists()
+
+
+def test_metrics_are_strict_json(tmp_path):
+    """A NaN (FedAvg's train loss in a round nobody answered, a diverged head) is written as null."""
+    rd = RunDir(tmp_path)
+    rd.append_metrics({"round": 1, "step": 1, "samples": 1, "train_loss": float("nan"), "test_loss": 1.0,
+                       "test_acc": 1.0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and json.loads(line, parse_constant=lambda c: pytest.fail(c))["train_loss"] is None
