@@ -13,6 +13,7 @@ the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,24 +173,33 @@ def _build(kind, d: dict[str, Any] | None, prefix: str):
     return kind(**kwargs)
 
 
-def flat_defaults() -> dict[str, Any]:
-    """Every key with its default, flat: {"method": "lte", "lte.heads": 2, ...}."""
-    out = {}
-    for group, value in Spec().to_dict().items():
-        if isinstance(value, dict):
-            out |= {f"{group}.{k}": v for k, v in value.items()}
-        else:
-            out[group] = value
-    return out
-
-
 # Keys `flwr run` does not take: in a deployment the federation's config sets the resources.
 NOT_IN_FLOWER_CONFIG = ("run.client_cpus", "run.client_gpus")
 
 
-def flower_run_config() -> dict[str, Any]:
-    """pyproject.toml's [tool.flwr.app.config]: the defaults, with "" for null (TOML has none)."""
-    return {k: "" if v is None else v for k, v in flat_defaults().items() if k not in NOT_IN_FLOWER_CONFIG}
+def flower_run_config(spec: Spec | None = None) -> dict[str, Any]:
+    """`spec` (the defaults when None) as Flower's flat run config {"lte.heads": 2, ...}, "" for
+    null (TOML has none): pyproject.toml's [tool.flwr.app.config] is this for the defaults."""
+    flat = {}
+    for group, values in (spec or Spec()).to_dict().items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{group}.{key}" if key else group
+            if name not in NOT_IN_FLOWER_CONFIG:
+                flat[name] = "" if value is None else value
+    return flat
+
+
+def toml_lines(flat: dict[str, Any]) -> str:
+    """A flat run config as TOML lines '"lte.heads" = 2' (pyproject's table, `--run-config` files)."""
+    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in flat.items())
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)  # TOML reads Python's int and float literals, inf and nan included
+    return json.dumps(str(v))  # a TOML basic string
 
 
 # The node Hydra composes on (conf/config.yaml's defaults list names it): the defaults as a plain,

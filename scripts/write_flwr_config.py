@@ -9,7 +9,6 @@ tests/test_spec.py fails while the table and the spec disagree.
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from pathlib import Path
@@ -17,30 +16,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lte_fed.spec import flower_run_config  # noqa: E402
+from lte_fed.spec import flower_run_config, toml_lines  # noqa: E402
 
 HEADER = "[tool.flwr.app.config]"
-
-
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    return json.dumps(v) if isinstance(v, str) else repr(v)
-
-
-def table() -> str:
-    lines = [HEADER, *(f'{json.dumps(k)} = {toml_value(v)}' for k, v in flower_run_config().items())]
-    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     path = ROOT / "pyproject.toml"
     text = path.read_text()
-    # The table runs from its header to the next table (or the end of the file).
-    new = re.sub(re.escape(HEADER) + r"\n(?:(?!\[).*\n?)*", lambda _: table(), text, count=1)
     if HEADER not in text:
         raise SystemExit(f"{path} has no {HEADER} table to replace")
-    path.write_text(new)
+    # The table runs from its header to the next table (or the end of the file).
+    table = f"{HEADER}\n{toml_lines(flower_run_config())}"
+    path.write_text(re.sub(re.escape(HEADER) + r"\n(?:(?!\[).*\n?)*", lambda _: table, text, count=1))
     print(f"wrote {HEADER} in {path}")
 
 

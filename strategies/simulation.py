@@ -19,34 +19,13 @@ import time
 from pathlib import Path
 
 from lte_fed.rundir import RunDir
-from lte_fed.spec import ERROR_PREFIX, ReportedError, Spec, SpecError, validate
+from lte_fed.spec import ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, toml_lines, validate
 
-# Spec keys that size the simulation (--federation-config), not the app (--run-config).
-SIMULATION_KEYS = ("run.client_cpus", "run.client_gpus")
 POLL_S = 0.5
 
 
-def run_config(spec: Spec) -> dict:
-    """The spec as `flwr run`'s flat run config ('lte.heads': 2); null is written as ""."""
-    flat = {}
-    for group, values in spec.to_dict().items():
-        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
-            name = f"{group}.{key}" if key else group
-            if name not in SIMULATION_KEYS:
-                flat[name] = "" if value is None else value
-    return flat
-
-
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)  # TOML reads Python's int and float literals, inf and nan included
-    return json.dumps(str(v))  # a TOML basic string
-
-
 def write_run_config(spec: Spec, path: Path) -> Path:
-    path.write_text("".join(f'"{k}" = {_toml_value(v)}\n' for k, v in run_config(spec).items()))
+    path.write_text(toml_lines(flower_run_config(spec)))
     return path
 
 
