@@ -32,13 +32,13 @@ from flwr.serverapp.strategy.result import Result
 from lte_fed import protocol as P
 from lte_fed import quant
 from lte_fed.convert import to_original_state
-from lte_fed.engine import build_summary
-from lte_fed.job import Job, lte_config
+from lte_fed.engine import build_summary, write_sample
+from lte_fed.job import Job, lte_config, progress
 from lte_fed.lora import merge_update
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
-from lte_fed.train import evaluate, head_alignment
+from lte_fed.train import evaluate, head_alignment, headline
 
 from .grid_utils import PartitionMap, message_bytes, send_and_receive, wait_for_nodes
 
@@ -230,7 +230,7 @@ class LTEStrategy(Strategy):
             self.wall += time.perf_counter() - t0
             row = self.log_round(rnd, metrics)
             result.train_metrics_clientapp[rnd] = metrics
-            result.evaluate_metrics_serverapp[rnd] = MetricRecord({k: row[k] for k in ("test_loss", "test_acc")})
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord({k: row[k] for k in ("test_loss", "test_acc", "val_loss", "perplexity") if k in row})
             if rnd % s.run.checkpoint_every == 0 or rnd == num_rounds:
                 self.dir.save_checkpoint(self.state_dict())
             done_now += 1
@@ -244,17 +244,20 @@ class LTEStrategy(Strategy):
         self.eval_model.load_state_dict(self.plain_state())
         ev = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
         step = min(rnd * s.merge_every, s.train.steps)
-        row = {"round": rnd, "step": step, "samples": step * s.train.batch_size, "train_loss": self._round_loss, **ev,
+        row = {"round": rnd, **progress(self.job, step), "train_loss": self._round_loss, **ev,
                "bytes_up": self._bytes_up, "bytes_down": self._bytes_down, "wall_s": round(self.wall, 3),
                "merged_heads": int(metrics["merged_heads"]) if metrics else 0, **self._alignment}
         self._alignment = {}
         self.dir.append_metrics(row)
-        log.info("round %d: merged %d head(s), train loss %.4f, test acc %.2f%%, up %d B, down %d B",
-                 rnd, row["merged_heads"], row["train_loss"], row["test_acc"], row["bytes_up"], row["bytes_down"])
+        log.info("round %d: merged %d head(s), train loss %.4f, %s, up %d B, down %d B",
+                 rnd, row["merged_heads"], row["train_loss"], headline(row), row["bytes_up"], row["bytes_down"])
         return row
 
     def finish(self) -> dict:
         self.dir.save_model(self.plain_state(), metadata={"model": self.spec.model.name, "method": "lte"})
+        if self.job.is_text:
+            self.eval_model.load_state_dict(self.plain_state())
+            write_sample(self.dir, self.eval_model, self.job)
         summary = build_summary(self.spec, self.dir.read_metrics(), self.job,
                                 params={"base": sum(w.numel() for w in self.W.values())})
         self.dir.write_summary(summary)

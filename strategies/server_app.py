@@ -18,8 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from lte_fed import protocol as P
-from lte_fed.engine import build_summary
-from lte_fed.job import setup
+from lte_fed.engine import build_summary, write_sample
+from lte_fed.job import progress, setup
 from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
 from lte_fed.train import evaluate
@@ -75,7 +75,7 @@ def run_fedavg(grid: Grid, spec: Spec, job, out: Path) -> None:
         model.load_state_dict(arrays.to_torch_state_dict())
         ev = evaluate(model, job.data, job.img_size, job.device, spec.train.eval_batch)
         step = min(server_round * spec.merge_every, spec.train.steps)
-        row = {"round": server_round, "step": step, "samples": step * spec.train.batch_size,
+        row = {"round": server_round, **progress(job, step),
                "train_loss": float("nan"), **ev, "bytes_up": counting.bytes_up - last["up"],
                "bytes_down": counting.bytes_down - last["down"], "wall_s": round(time.perf_counter() - t0, 3)}
         last.update(up=counting.bytes_up, down=counting.bytes_down)
@@ -89,6 +89,8 @@ def run_fedavg(grid: Grid, spec: Spec, job, out: Path) -> None:
     )
     model.load_state_dict(result.arrays.to_torch_state_dict())
     rundir.save_model(model.state_dict(), metadata={"model": spec.model.name, "method": "fedavg"})
+    if job.is_text:
+        write_sample(rundir, model, job)
     rundir.write_summary(build_summary(spec, rundir.read_metrics(), job))
 
 
