@@ -195,3 +195,56 @@ def test_a_shard_shorter_than_a_window_is_one_clear_error(tmp_path):
     (tmp_path / "c" / "a.txt").write_text("tiny text, far too short for a block\n" * 2)
     with pytest.raises(DataError, match="block_size"):
         batch_source(setup(text_spec(tmp_path / "c", lte={"heads": 4}, model={"block_size": 64})))
+
+
+# ------------------------------------------------------------------------------- Flower
+@pytest.mark.timeout(900)
+def test_flower_and_fused_end_with_the_same_gpt(tmp_path):
+    from strategies.simulation import run_flower
+
+    root = write_corpus(tmp_path / "c")
+    # An fp32 base: with NF4, a rounding-level difference in a merged W can cross a quantization
+    # level and grow (tests/test_flower.py covers NF4 on the image model).
+    summary = run_flower(text_spec(root, "lte", "flower"), tmp_path / "flower")
+    run_fused(text_spec(root, "lte", "fused"), tmp_path / "fused")
+    assert max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused")) < 1e-5
+    flower, fused = RunDir(tmp_path / "flower").read_metrics(), RunDir(tmp_path / "fused").read_metrics()
+    assert [r["tokens"] for r in flower] == [r["tokens"] for r in fused] == [3 * 8 * 16, 6 * 8 * 16]
+    assert [r["val_loss"] for r in flower] == pytest.approx([r["val_loss"] for r in fused], abs=1e-4)
+    assert summary["totals"]["tokens"] == 6 * 8 * 16 and (tmp_path / "flower" / "sample.txt").exists()
+
+
+@pytest.mark.timeout(900)
+def test_fedavg_trains_a_gpt_through_flower(tmp_path):
+    from strategies.simulation import run_flower
+
+    summary = run_flower(text_spec(write_corpus(tmp_path / "c"), "fedavg", "flower"), tmp_path / "run")
+    rows = RunDir(tmp_path / "run").read_metrics()
+    assert [r["tokens"] for r in rows] == [3 * 8 * 16, 6 * 8 * 16] and summary["final"]["val_loss"] == rows[-1]["val_loss"]
+    assert (tmp_path / "run" / "sample.txt").exists()
+
+
+# ------------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("preset", ["shakespeare_cpu", "shakespeare_paper"])
+def test_the_language_presets_are_valid_jobs(preset):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from app.cli import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose("config", overrides=[f"+experiment={preset}"])
+    spec = validate(Spec.from_dict(OmegaConf.to_container(cfg, resolve=True)))
+    assert spec.data.name == "shakespeare" and spec.model.name.startswith("gpt_") and spec.run.engine == "fused"
+
+
+def test_the_report_plots_loss_against_sync_steps_and_tokens(tmp_path):
+    from app.report import make_report
+
+    root = write_corpus(tmp_path / "c")
+    for method in ("full", "lte"):
+        run_fused(text_spec(root, method), tmp_path / "sweep" / method)
+    written = make_report(tmp_path / "sweep")
+    assert written["loss"].stat().st_size > 0 and "accuracy" not in written
+    table = written["md"].read_text()
+    assert "val_loss" in table and "perplexity" in table and "| 768 |" in table and "test_acc" not in table
