@@ -245,7 +245,8 @@ class StackedLTE(nn.Module):
     training on slice n; the base matmul of every Linear runs once for the whole batch.
 
     Token-like replicas (leading dim 1, e.g. pos_embed, cls_token) are held as (N, *shape)
-    parameters named "<name>_heads" and expanded to one copy per sample before each forward.
+    parameters named "<name>_heads" and expanded to one copy per sample before each forward;
+    an nn.Embedding becomes one (N, V, D) table, head n's samples looked up in table n.
     `mode = "sum"` runs the model as multi-head LoRA (paper eq. 2) instead: every sample sees
     all heads, replicas are the mean of their copies.
     """
