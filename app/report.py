@@ -13,6 +13,8 @@ Written to --out (default: <sweep dir>/report):
                               bytes up / down, wall time; failed runs say why
     accuracy.png              test accuracy vs sync steps and vs samples seen, one curve per
                               run (paper figure 7); a `method=full` run is the dashed baseline
+    loss.png                  language models: validation loss vs sync steps and vs tokens
+                              seen (all heads together), likewise
     alignment.png             mean pairwise |cosine similarity| and Grassmann distance of the
                               heads' B_n A_n over training (paper figure 8 / appendix A.5), from
                               metrics rows that carry head_cosine / head_grassmann
@@ -38,7 +40,9 @@ SHORT = {"lte.heads": "N", "lte.rank": "r", "lte.merge_every": "T", "lte.alpha":
          "train.batch_size": "B", "train.steps": "steps", "method": "", "run.seed": "seed"}
 # Methods for which the lte.* keys mean nothing.
 NO_HEADS = {"full"}
-RESULT_COLS = ["test_loss", "test_acc", "best_test_acc", "samples", "sync_steps", "bytes_up", "bytes_down", "wall_s"]
+IMAGE_COLS = ["test_loss", "test_acc", "best_test_acc"]
+TEXT_COLS = ["val_loss", "perplexity", "best_val_loss", "tokens"]  # language models
+RESULT_COLS = [*IMAGE_COLS, "samples", "sync_steps", "bytes_up", "bytes_down", "wall_s"]
 
 
 class ReportError(Exception):
@@ -62,10 +66,10 @@ class Run:
     def result(self, key: str) -> Any:
         if self.status != "ok":
             return None
-        if key in ("test_loss", "test_acc"):
+        if key in ("test_loss", "test_acc", "val_loss", "perplexity"):
             return self.summary.get("final", {}).get(key)
-        if key == "best_test_acc":
-            return self.summary.get("best_test_acc")
+        if key in ("best_test_acc", "best_val_loss"):
+            return self.summary.get(key)
         return self.summary.get("totals", {}).get(key)
 
 
@@ -168,8 +172,10 @@ def _fmt(key: str, v: Any) -> str:
         return _bytes(v)
     if key in ("test_acc", "best_test_acc"):
         return f"{v:.2f}"
-    if key == "test_loss":
+    if key in ("test_loss", "val_loss", "best_val_loss"):
         return f"{v:.4f}"
+    if key == "perplexity":
+        return f"{v:.3f}"
     if key == "wall_s":
         return f"{v:.1f}"
     if isinstance(v, float):
@@ -185,9 +191,17 @@ def _bytes(n: float) -> str:
     return str(n)
 
 
+def result_cols(runs: list[Run]) -> list[str]:
+    """The result columns: the image ones, the language ones, or both for a mixed folder."""
+    text = any(r.result("val_loss") is not None for r in runs)
+    image = any(r.result("test_acc") is not None for r in runs) or not text
+    return [*(IMAGE_COLS if image else []), *(TEXT_COLS if text else []), *RESULT_COLS[len(IMAGE_COLS):]]
+
+
 def table_rows(runs: list[Run], keys: list[str]) -> tuple[list[str], list[list[Any]]]:
-    header = ["run", "status", *keys, *RESULT_COLS, "error"]
-    rows = [[r.name, r.status, *(cell(r, k) for k in keys), *(r.result(c) for c in RESULT_COLS), r.error] for r in runs]
+    cols = result_cols(runs)
+    header = ["run", "status", *keys, *cols, "error"]
+    rows = [[r.name, r.status, *(cell(r, k) for k in keys), *(r.result(c) for c in cols), r.error] for r in runs]
     return header, rows
 
 
@@ -275,6 +289,34 @@ def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
     return True
 
 
+def plot_loss(runs: list[Run], keys: list[str], path: Path) -> bool:
+    """Language models: validation loss vs sync steps and vs tokens seen."""
+    need = ("round", "step", "tokens", "val_loss")
+    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
+    if not runs:
+        return False
+    plt = _plt()
+    styles = _styles(runs, plt)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for r in runs:
+        rows = [x for x in r.rows if all(k in x for k in need)]
+        kw = styles[r.name] | {"label": label(r, keys)}
+        axes[0].plot([sync_steps(r, x) for x in rows], [x["val_loss"] for x in rows], **kw)
+        axes[1].plot([x["tokens"] for x in rows], [x["val_loss"] for x in rows], **kw)
+    axes[0].set_xlabel("synchronization steps (merges; full: optimizer steps)")
+    axes[0].set_xscale("log")
+    axes[1].set_xlabel("training tokens seen (all heads together)")
+    axes[0].set_ylabel("validation loss (nats per token)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle("Validation loss vs synchronization steps and tokens seen")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
     need = ("samples", "head_cosine", "head_grassmann")
     runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
@@ -318,6 +360,8 @@ def make_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, P
     written["md"].write_text(markdown(header, rows))
     if plot_accuracy(runs, keys, out / "accuracy.png"):
         written["accuracy"] = out / "accuracy.png"
+    if plot_loss(runs, keys, out / "loss.png"):
+        written["loss"] = out / "loss.png"
     if plot_alignment(runs, keys, out / "alignment.png"):
         written["alignment"] = out / "alignment.png"
     return written
@@ -335,7 +379,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     print((Path(written["md"])).read_text())
     print(f"table:   {written['md']}\n         {written['csv']}")
-    for k in ("accuracy", "alignment"):
+    for k in ("accuracy", "loss", "alignment"):
         if k in written:
             print(f"figure:  {written[k]}")
     if "alignment" not in written:

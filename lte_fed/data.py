@@ -26,7 +26,9 @@ import torch.nn.functional as F
 
 from .rng import AUGMENT, DATA, SPLIT, derive_seed, torch_generator
 
-DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+TEXT_DATASETS = ("shakespeare", "text")  # language-model corpora: lte_fed/text.py
+DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 NO_FLIP = ("digits", "synthetic")  # not mirror-invariant: a flipped "2" or prototype is another pattern
 DEFAULT_ROOT = "data"
 

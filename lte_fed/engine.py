@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .job import LORA_METHODS, Job, batch_source, lte_config, setup  # noqa: F401 (re-exported)
+from .job import LORA_METHODS, Job, batch_source, describe, lte_config, progress, setup  # noqa: F401 (re-exported)
 from .lte import StackedLTE, accounting
 from .rundir import RunDir, open_resume
 from .spec import Spec, SpecError
 from .train import (autocast, clip_per_head, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
-                    optimizer_tensors, prefixed, unprefixed)
+                    optimizer_tensors, prefixed, token_loss, unprefixed)
 
 
 
@@ -82,7 +81,7 @@ class FusedRun:
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         x, y = self.src.batch(0, self.step, dev)
         if s.method == "lte":  # same_batch: every head gets the same whole batch
-            return x.repeat(s.heads, *[1] * (x.ndim - 1)), y.repeat(s.heads)
+            return x.repeat(s.heads, *[1] * (x.ndim - 1)), y.repeat(s.heads, *[1] * (y.ndim - 1))
         return x, y
 
     def train_step(self) -> float:
@@ -94,7 +93,7 @@ class FusedRun:
             logits = self.model(x).float()
         stacked = s.method in LORA_METHODS and s.method != "mhlora"
         heads = s.heads if stacked else 1
-        per_head = F.cross_entropy(logits, y, reduction="none").view(heads, -1).mean(1)
+        per_head = token_loss(logits, y).view(heads, -1).mean(1)
         # The optimized loss is the sum of the heads' losses, so each head's factors get exactly
         # the gradient a lone worker would. mhlora: every head sees the whole batch, so the sum
         # is N times the loss (the scaling under which LTE with T=1 follows it exactly).
@@ -121,7 +120,7 @@ class FusedRun:
         self.wall += time.perf_counter() - started
         self.eval_model.load_state_dict(self.plain_state())
         metrics = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
-        row = {"round": self.round, "step": self.step, "samples": self.step * s.train.batch_size,
+        row = {"round": self.round, **progress(self.job, self.step),
                "train_loss": sum(losses) / max(1, len(losses)), **metrics,
                "bytes_up": self.bytes_up * s.heads, "bytes_down": self.bytes_down * s.heads,
                "wall_s": round(self.wall, 3), "lr": lr_at(self.step - 1, s.lr, s.train.warmup, s.train.steps), **row}
@@ -170,7 +169,8 @@ class FusedRun:
                 losses.append(self.train_step())
                 bar.update(1)
             row = self.end_round(losses, started)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['test_acc']:.1f}",
+            ev = {"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {"acc": f"{row['test_acc']:.1f}"}
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **ev,
                             samples_s=f"{row['samples'] / max(row['wall_s'], 1e-9):.0f}")
             rounds_now += 1
             if stop_after_rounds is not None and rounds_now >= stop_after_rounds and self.step < s.train.steps:
@@ -183,6 +183,9 @@ class FusedRun:
         s = self.spec
         state = self.plain_state()
         self.dir.save_model(state, metadata={"model": s.model.name, "method": s.method})
+        if self.job.is_text:
+            self.eval_model.load_state_dict(state)
+            write_sample(self.dir, self.eval_model, self.job)
         rows = self.dir.read_metrics()
         summary = build_summary(s, rows, self.job, params=self.param_counts())
         self.dir.write_summary(summary)
@@ -196,19 +199,38 @@ class FusedRun:
 
 def build_summary(s: Spec, rows: list[dict], job: Job, params: dict | None = None, **extra) -> dict:
     final = rows[-1] if rows else {}
+    evals = ("val_loss", "perplexity") if job.is_text else ("test_loss", "test_acc")
+    best = {"best_val_loss": min((r["val_loss"] for r in rows), default=None)} if job.is_text else \
+        {"best_test_acc": max((r["test_acc"] for r in rows), default=None)}
+    tokens = {"tokens": final.get("tokens", 0)} if job.is_text else {}
     return {
-        "config": s.to_dict() | {"resolved": {"lr": s.lr, "heads": s.heads, "img_size": job.img_size,
-                                              "num_classes": job.data.num_classes, "in_chans": job.data.in_chans}},
-        "final": {k: final.get(k) for k in ("test_loss", "test_acc", "train_loss")},
-        "best_test_acc": max((r["test_acc"] for r in rows), default=None),
+        "config": s.to_dict() | {"resolved": {"lr": s.lr, "heads": s.heads, **describe(job)}},
+        "final": {k: final.get(k) for k in (*evals, "train_loss")},
+        **best,
         "totals": {
-            "steps": final.get("step", 0), "samples": final.get("samples", 0), "sync_steps": len(rows),
+            "steps": final.get("step", 0), "samples": final.get("samples", 0), **tokens, "sync_steps": len(rows),
             "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
             "wall_s": final.get("wall_s", 0.0),
         },
         "params": params or {},
         **extra,
     }
+
+
+def write_sample(rundir: RunDir, model: nn.Module, job: Job) -> None:
+    """sample.txt: `run.sample_tokens` tokens the trained plain model generates from the first
+    characters of the validation split (temperature 0.8, top 50, seeded by run.seed)."""
+    n = job.spec.run.sample_tokens
+    if n <= 0:
+        return
+    from .rng import SAMPLE, torch_generator
+
+    prompt = job.data.val[:min(32, job.data.block_size)].view(1, -1).to(job.device)
+    g = torch_generator(job.spec.run.seed, SAMPLE)
+    out = model.generate(prompt, n, temperature=0.8, top_k=50, generator=g)[0].cpu()
+    tok = job.data.tokenizer
+    text = tok.decode(out[:prompt.shape[1]]) + "<<<" + tok.decode(out[prompt.shape[1]:])
+    (rundir.path / "sample.txt").write_text(f"# {n} tokens generated after the prompt (before <<<)\n{text}\n")
 
 
 def run_fused(spec: Spec, out: str | Path) -> dict:

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import data as D
+from . import text as T
 from .lte import LTEConfig
-from .models import build_model
+from .models import build_lm, build_model
 from .spec import Spec, validate
 from .train import BatchSource, resolve_device
 
@@ -26,16 +27,22 @@ class Job:
     """Everything a run needs, built from the spec (shared by both engines)."""
 
     spec: Spec
-    data: D.ImageData
-    img_size: int
+    data: D.ImageData | T.TextData
+    img_size: int  # 0 for text
     plain: nn.Module  # the plain model at init (never trained in place)
     device: torch.device
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.data, T.TextData)
 
 
 def setup(spec: Spec) -> Job:
     """Validate, load data, build the plain model."""
     validate(spec)
     device = resolve_device(spec.run.device)
+    if spec.data.name in D.TEXT_DATASETS:
+        return _setup_text(spec, device)
     data = D.load_data(spec.data.name, root=spec.data.root, seed=spec.run.seed, img_size=spec.model.img_size,
                        test_fraction=spec.data.test_fraction, synthetic_size=spec.data.synthetic_size,
                        download=spec.data.download)
@@ -45,6 +52,30 @@ def setup(spec: Spec) -> Job:
     return Job(spec, data, img_size, plain, device)
 
 
+def _setup_text(spec: Spec, device: torch.device) -> Job:
+    data = T.load_text(spec.data.name, root=spec.data.root, tokenizer=spec.data.tokenizer,
+                       val_fraction=spec.data.test_fraction)
+    plain = build_lm(spec.model.name, vocab_size=data.vocab_size, block_size=spec.model.block_size, seed=spec.run.seed)
+    data.block_size, data.val_tokens = plain.cfg.block_size, spec.data.val_tokens
+    return Job(spec, data, 0, plain, device)
+
+
+def progress(job: Job, step: int) -> dict[str, int]:
+    """How far a run is after `step` steps, for its metrics rows: samples (and, for language
+    models, tokens) seen by all heads together."""
+    row = {"step": step, "samples": step * job.spec.train.batch_size}
+    if job.is_text:
+        row["tokens"] = row["samples"] * job.data.block_size
+    return row
+
+
+def describe(job: Job) -> dict:
+    """What the data and model resolved to, for summary.json."""
+    if job.is_text:
+        return job.data.describe()
+    return {"img_size": job.img_size, "num_classes": job.data.num_classes, "in_chans": job.data.in_chans}
+
+
 def lte_config(spec: Spec) -> LTEConfig:
     variant = "reset" if spec.method == "lora_merge" else spec.lte.variant
     return LTEConfig(heads=spec.heads, rank=spec.lte.rank, alpha=float(spec.lte.alpha), variant=variant,
@@ -52,11 +83,15 @@ def lte_config(spec: Spec) -> LTEConfig:
                      seed=spec.run.seed)
 
 
-def batch_source(job: Job) -> BatchSource:
+def batch_source(job: Job) -> BatchSource | T.TextBatchSource:
     """Shards and per-head batch size for the method: LTE heads split the cumulative batch and
     the data; every other method (and lte.same_batch) draws the whole batch from all the data."""
     s = job.spec
     split = s.method in ("lte", "fedavg") and not s.lte.same_batch
+    if job.is_text:
+        shards = T.shards(job.data, s.lte.heads, s.data.partition, s.run.seed) if split else [job.data.train]
+        per_head = s.train.batch_size // s.lte.heads if split else s.train.batch_size
+        return T.TextBatchSource(job.data, shards, per_head, job.data.block_size, s.run.seed)
     if split:
         shards = D.partition(job.data.train_y, s.lte.heads, s.data.partition, s.data.alpha, s.run.seed)
         per_head = s.train.batch_size // s.lte.heads

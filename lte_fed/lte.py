@@ -23,6 +23,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import rng
@@ -244,12 +245,38 @@ class _StackedAffineNorm(nn.Module):
         return y.reshape(x.shape)
 
 
+class _StackedEmbedding(nn.Module):
+    """An nn.Embedding replica per head: weight (N, V, D); the rows of head n's slice of the
+    batch are looked up in head n's table (one gather over the N tables laid end to end)."""
+
+    def __init__(self, emb: nn.Embedding, heads: int):
+        super().__init__()
+        if emb.padding_idx is not None or emb.max_norm is not None or emb.sparse:
+            raise ParameterizeError("an nn.Embedding with padding_idx, max_norm or sparse gradients cannot be "
+                                    "stacked per head; use run.engine=flower")
+        self.heads, self.mode = heads, "split"
+        self.weight = nn.Parameter(emb.weight.detach().expand(heads, *emb.weight.shape).clone())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx (N·b, ...) int64 -> (N·b, ..., D)."""
+        if self.mode == "sum":
+            return F.embedding(idx, self.weight.mean(0))
+        N, V = self.heads, self.weight.shape[1]
+        offset = (torch.arange(N, device=idx.device) * V).view(N, *[1] * idx.ndim)
+        ids = (idx.reshape(N, -1, *idx.shape[1:]) + offset).reshape(idx.shape)
+        return F.embedding(ids, self.weight.reshape(N * V, -1))
+
+
+_STACKED_OWNERS = (StackedLoRALinear, _StackedAffineNorm, _StackedEmbedding)  # modules holding (N, ...) replicas
+
+
 class StackedLTE(nn.Module):
     """All N heads in one model (fused engine). A batch of N·b samples is N slices, head n
     training on slice n; the base matmul of every Linear runs once for the whole batch.
 
     Token-like replicas (leading dim 1, e.g. pos_embed, cls_token) are held as (N, *shape)
-    parameters named "<name>_heads" and expanded to one copy per sample before each forward.
+    parameters named "<name>_heads" and expanded to one copy per sample before each forward;
+    an nn.Embedding becomes one (N, V, D) table, head n's samples looked up in table n.
     `mode = "sum"` runs the model as multi-head LoRA (paper eq. 2) instead: every sample sees
     all heads, replicas are the mean of their copies.
     """
@@ -269,10 +296,13 @@ class StackedLTE(nn.Module):
         for name, shape in self.plan.replicas.items():
             owner_name, attr = _split(name)
             owner = net.get_submodule(owner_name)
-            if isinstance(owner, (StackedLoRALinear, _StackedAffineNorm)):
+            if isinstance(owner, _STACKED_OWNERS):
                 continue  # biases live in the stacked layer; the norm's other affine is done
             if isinstance(owner, NORM_TYPES):
                 _set(net, owner_name, _StackedAffineNorm(owner, N))
+                continue
+            if isinstance(owner, nn.Embedding):
+                _set(net, owner_name, _StackedEmbedding(owner, N))
                 continue
             if not shape or shape[0] != 1:
                 raise ParameterizeError(
@@ -294,7 +324,7 @@ class StackedLTE(nn.Module):
             raise ValueError(mode)
         self.mode = mode
         for m in self.net.modules():
-            if isinstance(m, (StackedLoRALinear, _StackedAffineNorm)):
+            if isinstance(m, _STACKED_OWNERS):
                 m.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -321,7 +351,7 @@ class StackedLTE(nn.Module):
         for name in self.plan.replicas:
             owner_name, attr = _split(name)
             owner = self.net.get_submodule(owner_name)
-            out[name] = owner.get_parameter(attr if isinstance(owner, (StackedLoRALinear, _StackedAffineNorm)) else f"{attr}_heads")
+            out[name] = owner.get_parameter(attr if isinstance(owner, _STACKED_OWNERS) else f"{attr}_heads")
         return out
 
     def head_params(self) -> list[nn.Parameter]:

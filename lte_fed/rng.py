@@ -21,3 +21,4 @@ def torch_generator(*keys: int) -> torch.Generator:
 
 # Key namespaces, so that e.g. head 3's init never shares a stream with head 3's data.
 INIT, DATA, SPLIT, MODEL, AUGMENT = 1, 2, 3, 4, 5
+SAMPLE = 6  # text generated at the end of a language-model run

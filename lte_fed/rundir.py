@@ -1,7 +1,7 @@
 """The run directory every engine writes (DESIGN.md §4).
 
     metrics.jsonl      one object per merge (round, step, samples, train_loss, test_loss,
-                       test_acc, bytes_up, bytes_down, wall_s, ...)
+                       test_acc — or val_loss, perplexity, tokens —, bytes_up, bytes_down, wall_s, ...)
     summary.json       resolved config, final metrics, totals
     model.safetensors  the merged plain model (no LoRA), loadable by the plain model builder
     checkpoint.safetensors  everything needed to resume exactly: tensors in safetensors, the
@@ -26,7 +26,9 @@ import torch
 
 from .spec import SpecError
 
-METRIC_FIELDS = ("round", "step", "samples", "train_loss", "test_loss", "test_acc", "bytes_up", "bytes_down", "wall_s")
+METRIC_FIELDS = ("round", "step", "samples", "train_loss", "bytes_up", "bytes_down", "wall_s")
+# and one of these evaluations: images, or language models (with the tokens seen)
+EVAL_FIELDS = (("test_loss", "test_acc"), ("val_loss", "perplexity", "tokens"))
 
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -86,6 +88,8 @@ class RunDir:
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         missing = [k for k in METRIC_FIELDS if k not in row]
+        if not any(all(k in row for k in keys) for keys in EVAL_FIELDS):
+            missing += [" or ".join("/".join(keys) for keys in EVAL_FIELDS)]
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
         with open(self.metrics_path, "a") as f:

@@ -70,6 +70,7 @@ class ModelSpec:
     name: str = "vit_digits"
     img_size: int | None = None  # None: the data's native size
     patch_size: int | None = None  # None: the builder's default
+    block_size: int | None = None  # language models: context length; None: the builder's default
 
 
 @dataclass
@@ -82,6 +83,8 @@ class DataSpec:
     download: bool = False
     test_fraction: float = 0.2
     synthetic_size: int = 512
+    tokenizer: str = "char"  # text data: char | gpt2 (GPT-2's BPE through tiktoken)
+    val_tokens: int = 32768  # text data: validation tokens scored per evaluation (fixed windows); 0: all
 
 
 @dataclass
@@ -120,6 +123,7 @@ class RunSpec:
     progress: bool = True
     verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
     checkpoint_every: int = 1  # in merges
+    sample_tokens: int = 500  # language models: tokens generated into sample.txt at the end; 0: none
 
 
 @dataclass
@@ -247,9 +251,10 @@ def _check_types(node, prefix: str = "") -> None:
 
 def validate(s: Spec) -> Spec:
     """Raise SpecError naming the first bad key; returns `s` for chaining."""
-    from .data import DATASETS
+    from .data import DATASETS, TEXT_DATASETS
     from .lora import INITS, VARIANTS
-    from .models import list_models
+    from .models import is_language_model, list_models
+    from .text import PARTITIONS, TOKENIZERS
     from .quant import QUANT_FORMATS
 
     _check_types(s)
@@ -263,7 +268,21 @@ def validate(s: Spec) -> Spec:
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
     _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")
-    _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
+    text = s.data.name in TEXT_DATASETS
+    _need(is_language_model(s.model.name) == text, "model.name",
+          f"{s.model.name!r} is {'a language model' if is_language_model(s.model.name) else 'an image model'} but "
+          f"data.name={s.data.name!r} is {'text' if text else 'image data'}")
+    if text:
+        _need(s.data.partition in PARTITIONS, "data.partition",
+              f"{s.data.partition!r} is not one of {', '.join(PARTITIONS)} (text data)")
+        _need(s.data.tokenizer in TOKENIZERS, "data.tokenizer", f"{s.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
+        _need(s.model.block_size is None or (_is_int(s.model.block_size) and s.model.block_size > 0), "model.block_size",
+              f"must be a positive integer or null, got {s.model.block_size!r}")
+        _need(_is_int(s.data.val_tokens) and s.data.val_tokens >= 0, "data.val_tokens", f"must be an integer >= 0, got {s.data.val_tokens!r}")
+        _need(_is_int(s.run.sample_tokens) and s.run.sample_tokens >= 0, "run.sample_tokens", f"must be an integer >= 0, got {s.run.sample_tokens!r}")
+        _need(s.data.name != "text" or bool(s.data.root), "data.root", "data.name=text needs data.root=<a text file or a folder of text files>")
+    else:
+        _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
     _need(s.data.alpha > 0, "data.alpha", f"must be > 0, got {s.data.alpha!r}")
     _need(s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
     if s.method in ("lte", "fedavg") and not s.lte.same_batch:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import data as D
+from . import text as T
 from .spec import SpecError
 
 
@@ -103,13 +104,19 @@ def train_head(model: nn.Module, opt: torch.optim.Optimizer, source: BatchSource
             g["lr"] = lr(step)
         x, y = source.batch(head, step, device)
         with autocast(device, precision):
-            loss = F.cross_entropy(model(x).float(), y)
+            loss = token_loss(model(x).float(), y).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         clip_per_head(params, clip, heads=1)
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def token_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per prediction, flat: logits (B, C) and y (B,) for images, or (B, L, V) and
+    (B, L) for language models -> (B,) or (B·L,), in batch order."""
+    return F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none")
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -147,9 +154,12 @@ def unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: D.ImageData, img_size: int, device: torch.device, batch_size: int = 512,
+def evaluate(model: nn.Module, data: D.ImageData | T.TextData, img_size: int, device: torch.device, batch_size: int = 512,
              precision: str = "fp32") -> dict[str, float]:
-    """Test loss and accuracy (%) of a plain model on the test set."""
+    """A plain model on the held-out data: test loss and accuracy (%) for images; validation
+    loss (nats per token) and perplexity for text (img_size is then unused)."""
+    if isinstance(data, T.TextData):
+        return _evaluate_text(model, data, device, batch_size, precision)
     model.eval()
     total, loss_sum, correct = 0, 0.0, 0
     for x, y in D.test_batches(data, batch_size, img_size):
@@ -160,6 +170,27 @@ def evaluate(model: nn.Module, data: D.ImageData, img_size: int, device: torch.d
         correct += (logits.argmax(1) == y).sum().item()
         total += y.numel()
     return {"test_loss": loss_sum / total, "test_acc": 100.0 * correct / total}
+
+
+def _evaluate_text(model: nn.Module, data: T.TextData, device: torch.device, batch_size: int,
+                   precision: str) -> dict[str, float]:
+    model.eval()
+    windows = max(1, min(batch_size, 16384 // data.block_size))  # bounds the logits: windows x L x V
+    total, loss_sum = 0, 0.0
+    for x, y in T.val_batches(data, windows):
+        with autocast(device, precision):
+            logits = model(x.to(device)).float()
+        loss_sum += token_loss(logits, y.to(device)).sum().item()
+        total += y.numel()
+    loss = loss_sum / total
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def headline(row: dict) -> str:
+    """The evaluation part of a progress line: accuracy for images, loss and perplexity for text."""
+    if "val_loss" in row:
+        return f"val loss {row['val_loss']:.4f}, perplexity {row['perplexity']:.2f}"
+    return f"test acc {row['test_acc']:.2f}%"
 
 
 # ------------------------------------------------------------------ head alignment (A.5)

@@ -20,11 +20,11 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
-from lte_fed.engine import build_summary
-from lte_fed.job import Job
+from lte_fed.engine import build_summary, write_sample
+from lte_fed.job import Job, progress
 from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
-from lte_fed.train import evaluate
+from lte_fed.train import evaluate, headline
 
 from .grid_utils import PartitionMap, send_and_receive, wait_for_nodes
 
@@ -60,7 +60,8 @@ class RoundLoop(Strategy):
             self.wall += time.perf_counter() - t0
             row = self.log_round(rnd, metrics)
             result.train_metrics_clientapp[rnd] = metrics
-            result.evaluate_metrics_serverapp[rnd] = MetricRecord({k: row[k] for k in ("test_loss", "test_acc")})
+            result.evaluate_metrics_serverapp[rnd] = MetricRecord(
+                {k: row[k] for k in ("test_loss", "test_acc", "val_loss", "perplexity") if k in row})
             if rnd % s.run.checkpoint_every == 0 or rnd == num_rounds:
                 self.save_checkpoint()
         self.finish()
@@ -71,19 +72,22 @@ class RoundLoop(Strategy):
         self.eval_model.load_state_dict(self.plain_state())
         ev = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
         step = min(rnd * s.merge_every, s.train.steps)
-        row = {"round": rnd, "step": step, "samples": step * s.train.batch_size, "train_loss": self.round_loss, **ev,
+        row = {"round": rnd, **progress(self.job, step), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
                "merged_heads": int(metrics["merged_heads"]), **self.alignment}
         self.alignment = {}
         self.dir.append_metrics(row)
-        log.info("round %d: merged %d of %d, train loss %s, test acc %.2f%%, up %d B, down %d B", rnd,
+        log.info("round %d: merged %d of %d, train loss %s, %s, up %d B, down %d B", rnd,
                  row["merged_heads"], s.heads, "-" if math.isnan(row["train_loss"]) else f"{row['train_loss']:.4f}",
-                 row["test_acc"], row["bytes_up"], row["bytes_down"])
+                 headline(row), row["bytes_up"], row["bytes_down"])
         return row
 
     def finish(self) -> dict:
         s = self.spec
         self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
+        if self.job.is_text:
+            self.eval_model.load_state_dict(self.plain_state())
+            write_sample(self.dir, self.eval_model, self.job)
         summary = build_summary(s, self.dir.read_metrics(), self.job, run_id=self.run_id)
         self.dir.write_summary(summary)
         return summary
