@@ -43,17 +43,17 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
            "--run-config", str(write_run_config(spec, rundir.path / "run_config.toml")),
            "--cpus", str(int(cpus)), "--gpus", str(float(spec.run.client_gpus)), "--log", str(log_path)]
     # Its own session: a Ctrl-C on the terminal reaches only us, and we stop the run in order.
-    started = time.time()
+    started, log_start = time.time(), _size(log_path)  # a run resumed in place appends to the log
     launcher = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
     try:
-        _wait_with_progress(launcher, spec, rundir, log_path)
+        _wait_with_progress(launcher, spec, rundir, log_path, log_start)
     finally:
         if launcher.poll() is None:  # Ctrl-C, SIGTERM made an exception, or any error: stop it all
             _stop(launcher)
     summary = rundir.path / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= started:  # this run's, not an earlier one's
         return rundir.read_summary()
-    reported = _reported_error(log_path)
+    reported = _reported_error(log_path, log_start)
     if reported:
         raise ReportedError(reported)
     raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
@@ -87,7 +87,8 @@ def _stop(launcher: subprocess.Popen) -> None:
             signal.signal(signal.SIGINT, previous)
 
 
-def _wait_with_progress(launcher: subprocess.Popen, spec: Spec, rundir: RunDir, log_path: Path) -> None:
+def _wait_with_progress(launcher: subprocess.Popen, spec: Spec, rundir: RunDir, log_path: Path,
+                        log_start: int) -> None:
     """Wait for the launcher; meanwhile follow metrics.jsonl (one row per merge) in a bar, or
     with run.verbose=true, Flower's log."""
     from tqdm.auto import tqdm
@@ -96,7 +97,7 @@ def _wait_with_progress(launcher: subprocess.Popen, spec: Spec, rundir: RunDir, 
     bar = tqdm(total=spec.train.steps, disable=verbose or not spec.run.progress, unit="step",
                dynamic_ncols=True, desc=f"{spec.method} flower")
     bar.set_postfix_str("starting Flower")
-    seen, echoed = 0, 0
+    seen, echoed = 0, log_start
     try:
         while launcher.poll() is None or verbose and echoed < _size(log_path):
             time.sleep(POLL_S)
@@ -117,13 +118,17 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.exists() else 0
 
 
-def _echo(path: Path, start: int) -> int:
-    """Copy what `path` gained since byte `start` to stderr; returns the new end."""
+def _read_from(path: Path, start: int) -> bytes:
     if not path.exists():
-        return start
+        return b""
     with open(path, "rb") as f:
         f.seek(start)
-        chunk = f.read()
+        return f.read()
+
+
+def _echo(path: Path, start: int) -> int:
+    """Copy what `path` gained since byte `start` to stderr; returns the new end."""
+    chunk = _read_from(path, start)
     sys.stderr.write(chunk.decode(errors="replace"))
     sys.stderr.flush()
     return start + len(chunk)
@@ -137,11 +142,9 @@ def _complete_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
-def _reported_error(log_path: Path) -> str | None:
-    """The one-line error the ServerApp printed, if it printed one."""
-    if not log_path.exists():
-        return None
-    for line in log_path.read_text(errors="replace").splitlines():
+def _reported_error(log_path: Path, start: int) -> str | None:
+    """The one-line error the ServerApp printed in this run's part of the log, if it did."""
+    for line in _read_from(log_path, start).decode(errors="replace").splitlines():
         if ERROR_PREFIX in line:
             return line.split(ERROR_PREFIX, 1)[1].strip()
     return None

@@ -40,3 +40,22 @@ def test_stop_descendants_gets_double_forked_daemons_and_nothing_else():
     finally:
         other.kill()
         other.wait()
+
+
+def test_the_run_config_carries_every_spec_key_flower_accepts(tmp_path):
+    """`lte-fed` hands the whole spec to `flwr run`; the SuperLink refuses keys that
+    pyproject.toml's [tool.flwr.app.config] does not declare, and the ServerApp reads them back."""
+    import tomllib
+
+    from strategies.server_app import spec_from_run_config
+    from strategies.simulation import write_run_config
+
+    from .helpers import quick_spec
+
+    spec = quick_spec("lte", "flower", train={"lr": None}, run={"fault": "nan:1:2"})
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    written = tomllib.loads(write_run_config(spec, tmp_path / "run.toml").read_text())
+    assert set(written) == set(declared)
+    back = spec_from_run_config(written)
+    back.run.client_cpus, back.run.client_gpus = spec.run.client_cpus, spec.run.client_gpus  # --federation-config
+    assert back == spec
