@@ -276,10 +276,10 @@ def validate(s: Spec) -> Spec:
         _need(s.data.partition in PARTITIONS, "data.partition",
               f"{s.data.partition!r} is not one of {', '.join(PARTITIONS)} (text data)")
         _need(s.data.tokenizer in TOKENIZERS, "data.tokenizer", f"{s.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
-        _need(s.model.block_size is None or (_is_int(s.model.block_size) and s.model.block_size > 0), "model.block_size",
+        _need(s.model.block_size is None or s.model.block_size > 0, "model.block_size",
               f"must be a positive integer or null, got {s.model.block_size!r}")
-        _need(_is_int(s.data.val_tokens) and s.data.val_tokens >= 0, "data.val_tokens", f"must be an integer >= 0, got {s.data.val_tokens!r}")
-        _need(_is_int(s.run.sample_tokens) and s.run.sample_tokens >= 0, "run.sample_tokens", f"must be an integer >= 0, got {s.run.sample_tokens!r}")
+        _need(s.data.val_tokens >= 0, "data.val_tokens", f"must be an integer >= 0, got {s.data.val_tokens!r}")
+        _need(s.run.sample_tokens >= 0, "run.sample_tokens", f"must be an integer >= 0, got {s.run.sample_tokens!r}")
         _need(s.data.name != "text" or bool(s.data.root), "data.root", "data.name=text needs data.root=<a text file or a folder of text files>")
     else:
         _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
