@@ -37,7 +37,7 @@ _META_KEY = "lte-fed"
 
 # Spec keys that may differ between a run and its resumption: none changes the math.
 RESUME_FREE = {("run", k) for k in ("resume", "out", "progress", "verbose", "device", "round_timeout", "fault",
-                                    "checkpoint_every", "client_cpus", "client_gpus")} | {("train", "eval_batch")}
+                                    "checkpoint_every", "client_cpus", "client_gpus", "sample_tokens")} | {("train", "eval_batch")}
 
 
 def jsonable(obj: Any) -> Any:
