@@ -47,6 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--variants", default=None, help="section 1: comma-separated subset of the variants (default: all)")
     # child mode
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
