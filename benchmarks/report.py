@@ -57,6 +57,21 @@ def step_md(d: dict) -> list[str]:
     return L + [""]
 
 
+def layers_md(d: dict) -> list[str]:
+    c = d["config"]
+    L = ["## 1b. One layer's cost (one thread, CPU time)", "",
+         f"Forward + backward of one Linear at ViT-S shapes, {c['tokens_per_head']} tokens per head, N={c['heads']}, "
+         f"r={c['rank']}, one thread, median over repetitions, per head (stacked layers: time / N). "
+         "Ratios to full training's layer (weight gradient included) and to the stacked exact layer:", "",
+         "| layer (out×in) | " + " | ".join(next(iter(d["layers"].values()))["ms_per_head"]) + " |",
+         "|---|" + "---|" * len(next(iter(d["layers"].values()))["ms_per_head"])]
+    for shape, r in d["layers"].items():
+        L.append(f"| {shape} ms | " + " | ".join(f"{v:.1f}" for v in r["ms_per_head"].values()) + " |")
+        L.append(f"| {shape} / full | " + " | ".join(f"{v:.2f}" for v in r["vs_full"].values()) + " |")
+        L.append(f"| {shape} / stacked exact | " + " | ".join(f"{v:.2f}" for v in r["vs_stacked_exact"].values()) + " |")
+    return L + [""]
+
+
 def bytes_md(d: dict) -> list[str]:
     L = ["## 3. Bytes per round per client (real Flower Messages) and §4.5 volumes", "",
          "Down = the TRAIN message `LTEStrategy.configure_train` builds for one client (q(W) + replicas + config); "
@@ -155,7 +170,7 @@ def markdown(res: dict) -> str:
          "load; ratios are taken within one repetition)",
          f"- total wall time {res['total_s'] / 60:.1f} min", ""]
     secs = res["sections"]
-    for key, fn in (("step", step_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
+    for key, fn in (("step", step_md), ("layers", layers_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
                     ("accuracy", accuracy_md)):
         if key not in secs:
             continue

@@ -139,21 +139,26 @@ class _LTELinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, A, B, bias, VA, VB, base, scale):
-        dt = xs.dtype
-        r = A.shape[1]
-        Af, Bf = A.to(dt), B.to(dt) * scale
-        if VA is not None:
-            Af = torch.cat([Af, VA.to(dt)], 1)
-            Bf = torch.cat([Bf, VB.to(dt) * -scale], 2)
-        h = torch.bmm(xs, Af.transpose(1, 2))  # (N, L, R)
-        if bias is None:
-            y = torch.bmm(h, Bf.transpose(1, 2))
-        else:
-            y = torch.baddbmm(bias.to(dt)[:, None, :], h, Bf.transpose(1, 2))
-        _base_matmul(y, xs, base().to(dt))
+        # Under autocast every matmul runs in the autocast dtype, chosen here once: autocast
+        # itself is off inside, because it would not cast the in-place accumulations.
+        dev = xs.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+        ctx.dtypes = (xs.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(dev, enabled=False):
+            xs = xs.to(dt)
+            r = A.shape[1]
+            Af, Bf = A.to(dt), B.to(dt) * scale
+            if VA is not None:
+                Af = torch.cat([Af, VA.to(dt)], 1)
+                Bf = torch.cat([Bf, VB.to(dt) * -scale], 2)
+            h = torch.bmm(xs, Af.transpose(1, 2))  # (N, L, R)
+            if bias is None:
+                y = torch.bmm(h, Bf.transpose(1, 2))
+            else:
+                y = torch.baddbmm(bias.to(dt)[:, None, :], h, Bf.transpose(1, 2))
+            _base_matmul(y, xs, base().to(dt))
         ctx.save_for_backward(xs, h, Af, Bf)
         ctx.base, ctx.r, ctx.scale = base, r, scale
-        ctx.dtypes = (A.dtype, B.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
@@ -161,20 +166,23 @@ class _LTELinear(torch.autograd.Function):
     def backward(ctx, g):
         xs, h, Af, Bf = ctx.saved_tensors
         need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
-        r, g = ctx.r, g.contiguous()
+        x_dt, A_dt, B_dt, bias_dt = ctx.dtypes
+        r = ctx.r
         gx = gA = gB = gbias = None
-        if need_x or need_A:
-            gh = torch.bmm(g, Bf)  # (N, L, R): s·B_nᵀ g [, -s·V_Bnᵀ g]
-        if need_x:
-            w = ctx.base().to(g.dtype)
-            gx = torch.bmm(g, w) if w.ndim == 3 else torch.mm(g.reshape(-1, g.shape[-1]), w).view(xs.shape)
-            gx.baddbmm_(gh, Af)
-        if need_A:
-            gA = torch.bmm(gh[..., :r].transpose(1, 2), xs).to(ctx.dtypes[0])
-        if need_B:
-            gB = torch.bmm(g.transpose(1, 2), h[..., :r]).mul_(ctx.scale).to(ctx.dtypes[1])
-        if need_bias:
-            gbias = g.sum(1).to(ctx.dtypes[2])
+        with torch.autocast(xs.device.type, enabled=False):
+            g = g.to(xs.dtype).contiguous()
+            if need_x or need_A:
+                gh = torch.bmm(g, Bf)  # (N, L, R): s·B_nᵀ g [, -s·V_Bnᵀ g]
+            if need_x:
+                w = ctx.base().to(g.dtype)
+                gx = torch.bmm(g, w) if w.ndim == 3 else torch.mm(g.reshape(-1, g.shape[-1]), w).view(xs.shape)
+                gx = gx.baddbmm_(gh, Af).to(x_dt)
+            if need_A:
+                gA = torch.bmm(gh[..., :r].transpose(1, 2), xs).to(A_dt)
+            if need_B:
+                gB = torch.bmm(g.transpose(1, 2), h[..., :r]).mul_(ctx.scale).to(B_dt)
+            if need_bias:
+                gbias = g.sum(1).to(bias_dt)
         return gx, gA, gB, gbias, None, None, None, None
 
 

@@ -163,3 +163,27 @@ def test_fast_path_is_deterministic():
     a, b = _run(layer, x, gout, "fast"), _run(layer, x, gout, "fast")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_fast_path_under_autocast(stacked):
+    """Under bf16 autocast (what run.precision=bf16 does on a GPU; here on the CPU) the fast path
+    computes in bf16 like the plain one, and every gradient keeps its parameter's dtype."""
+    g = torch_generator(40)
+    lin = _linear(16, 8, g)
+    layer = (StackedLoRALinear(lin, 2, RANK, ALPHA, quant="none", generators=[torch_generator(41, n) for n in range(2)])
+             if stacked else LoRALinear(lin, RANK, ALPHA, quant="none", generator=torch_generator(41)))
+    _mid_training(layer, g)
+    x = torch.randn(4, 16, generator=g)
+    res = {}
+    for impl in ("plain", "fast"):
+        layer.impl = impl
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(xi)
+        y.float().square().sum().backward()
+        res[impl] = (y.float().detach(), xi.grad, layer.lora_A.grad, layer.lora_B.grad)
+        assert xi.grad.dtype == torch.float32 and layer.lora_A.grad.dtype == layer.lora_B.grad.dtype == torch.float32
+    for a, b in zip(res["fast"], res["plain"]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
