@@ -30,32 +30,45 @@ def step_md(d: dict) -> list[str]:
          f"({c['batch'] // c['heads']} per head), device {c['device']}; {c['reps']} repetitions, all variants "
          "stepped round-robin in each. Median [IQR] in ms per step (a step = every head once).", "",
          "| variant | what | ms/step |", "|---|---|---|"]
-    what = {"full": "plain model, AdamW on every weight (method=full, fused engine)",
-            "lte": "fused LTE, exact variant (default), fp32 base",
-            "lte_reset": "fused LTE, reset variant (no correction term)",
-            "lte_nf4": "fused LTE, exact, NF4 base, q(W) dequantized once per merge (cached)",
-            "lte_nf4_ondemand": "as lte_nf4, q(W) dequantized on every use (the engine before this benchmark's fix; what a worker does)",
-            "separate": "N one-head HeadLTE models (what Flower clients run), stepped in turn",
-            "floor": "plain model, all weights frozen, no LoRA: forward + input gradients only"}
+    what = d.get("what", {})
     for k, s in d["step_s"].items():
         L.append(f"| {k} | {what.get(k, '')} | {fmt(s, 'ms')} |")
     r = d["ratios"]
-    L += ["", "Ratios (pair by pair, same repetition), median [IQR]:", "", "| ratio | measured | target | |", "|---|---|---|---|"]
-    targets = {"lte/full": 1.15, "lte/floor": 1.10, "lte_nf4/full": 1.20}
+    cr = d.get("cpu_ratios") or {}
+    L += ["", "Ratios (pair by pair, same repetition), median [IQR] and min–max, of wall time and (CPU) of "
+          "the process's CPU time, which waiting for a core on a loaded machine does not inflate:", "",
+          "| ratio | wall | min–max | CPU time | target | |", "|---|---|---|---|---|---|"]
+    targets = d.get("targets", {})
     for k, s in r.items():
         t = targets.get(k)
-        L.append(f"| {k} | {_r(s)} | {'≤ %.2f×' % t if t else ''} | {_ok(s.get('median'), t) if t else ''} |")
+        L.append(f"| {k} | {_r(s)} | {s['min']:.2f}–{s['max']:.2f} | {_r(cr.get(k, {}))} | "
+                 f"{'≤ %.2f×' % t if t else ''} | {_ok(s.get('median'), t) if t else ''} |")
     if d.get("flops"):
         f = d["flops"]
-        L += ["", "Matmul FLOPs of the Linear layers per token relative to the floor (forward + input gradient, "
-              "2·m·n per layer): " + ", ".join(f"{k} {v:.2f}×" for k, v in f.items()) + ". The LoRA path costs "
-              "r·(m+n) per matmul against m·n for the base: at r=64 on 384-wide layers that is 20–33% of each "
-              "base matmul, three times over (forward, input grad, weight grad), plus twice more for the exact "
-              "variant's correction V."]
+        L += ["", "Matmul FLOPs of the Linear layers per token relative to full training (forward, input "
+              "gradient and weight gradient, 3·m·n per layer): " + ", ".join(f"{k} {v:.2f}×" for k, v in f.items())
+              + ". The LoRA path costs r·(m+n) per matmul against m·n for the base, three times over (forward, "
+              "input grad, factors' grads); the exact variant's V costs twice more when applied to the tokens, "
+              "nothing per step when folded into per-head bases (the fused engine's default)."]
     if d.get("profile"):
         L += ["", "Profile of one step (torch.profiler, self time, top ops):", ""]
         for k, rows in d["profile"].items():
             L.append(f"- **{k}**: " + ", ".join(f"{x['op']} {100 * x['share']:.0f}% ({x['calls']})" for x in rows[:8]))
+    return L + [""]
+
+
+def layers_md(d: dict) -> list[str]:
+    c = d["config"]
+    L = ["## 1b. One layer's cost (one thread, CPU time)", "",
+         f"Forward + backward of one Linear at ViT-S shapes, {c['tokens_per_head']} tokens per head, N={c['heads']}, "
+         f"r={c['rank']}, one thread, median over repetitions, per head (stacked layers: time / N). "
+         "Ratios to full training's layer (weight gradient included) and to the stacked exact layer:", "",
+         "| layer (out×in) | " + " | ".join(next(iter(d["layers"].values()))["ms_per_head"]) + " |",
+         "|---|" + "---|" * len(next(iter(d["layers"].values()))["ms_per_head"])]
+    for shape, r in d["layers"].items():
+        L.append(f"| {shape} ms | " + " | ".join(f"{v:.1f}" for v in r["ms_per_head"].values()) + " |")
+        L.append(f"| {shape} / full | " + " | ".join(f"{v:.2f}" for v in r["vs_full"].values()) + " |")
+        L.append(f"| {shape} / stacked exact | " + " | ".join(f"{v:.2f}" for v in r["vs_stacked_exact"].values()) + " |")
     return L + [""]
 
 
@@ -157,7 +170,7 @@ def markdown(res: dict) -> str:
          "load; ratios are taken within one repetition)",
          f"- total wall time {res['total_s'] / 60:.1f} min", ""]
     secs = res["sections"]
-    for key, fn in (("step", step_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
+    for key, fn in (("step", step_md), ("layers", layers_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
                     ("accuracy", accuracy_md)):
         if key not in secs:
             continue

@@ -6,7 +6,8 @@ benchmarks/results/<date>.md and .json.
     .venv/bin/python -m benchmarks.run --sections step,bytes
 
 Sections (each runs in its own subprocess, so memory, threads and Flower's process-wide state
-never leak from one into the next): step (step cost), flower (Flower vs fused per round, split
+never leak from one into the next): step (step cost), layers (one layer's cost, one thread, CPU
+time: the steady measurement a change to the LTE layer is judged by), flower (Flower vs fused per round, split
 into parts), bytes (per-round message bytes, DDP volume), memory (peak memory of one client,
 via benchmarks/memory_probe.py), accuracy (samples to reach full training's accuracy), scaling
 (time per round as N grows). Figures are medians of repeated runs with the IQR; ratios are
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from .common import ROOT, environment
 
-SECTIONS = ("step", "bytes", "flower", "accuracy", "memory")
+SECTIONS = ("step", "layers", "bytes", "flower", "accuracy", "memory")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -47,6 +48,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--no-profile", dest="profile", action="store_false")
+    ap.add_argument("--variants", default=None, help="section 1: comma-separated subset of the variants (default: all)")
     # child mode
     ap.add_argument("--section", choices=SECTIONS, help=argparse.SUPPRESS)
     ap.add_argument("--json", type=Path, help=argparse.SUPPRESS)
@@ -61,7 +63,7 @@ def child(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    mod = __import__(f"benchmarks.{ {'step': 'step_cost', 'flower': 'flower_overhead'}.get(a.section, a.section) }",
+    mod = __import__(f"benchmarks.{ {'step': 'step_cost', 'layers': 'layer_cost', 'flower': 'flower_overhead'}.get(a.section, a.section) }",
                      fromlist=["main"])
     t0 = time.perf_counter()
     out = mod.main(a)

@@ -1,7 +1,11 @@
 """Section 1: time per training step of the fused engine vs full training, N one-head models
 stepped in turn, and the floor (base frozen, no LoRA, input gradients only), same model and
 cumulative batch. Every variant is stepped once per repetition, round-robin, so the ratios pair
-measurements taken seconds apart (what matters on a shared machine)."""
+measurements taken seconds apart (what matters on a shared machine).
+
+The `*_plain` variants run the same models through the op-by-op reference of the LTE layer
+(`lte_fed.lora.lte_linear_plain`, what the engine ran before the fast path), so each speed-up
+is measured side by side with what it replaces."""
 
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ def _spec(a, method: str, quant: str = "none", variant: str = "exact"):
 class _Separate:
     """N one-head models (HeadLTE, what Flower clients train) stepped one after another."""
 
-    def __init__(self, lte_run):
+    def __init__(self, lte_run, cache_base: bool = False):
         from lte_fed.job import lte_config
         from lte_fed.lte import HeadLTE
         from lte_fed.train import make_optimizer
@@ -35,6 +39,9 @@ class _Separate:
         s, job = lte_run.spec, lte_run.job
         self.spec, self.job, self.src = s, job, lte_run.src
         self.models = [HeadLTE(job.plain, lte_config(s), n).to(job.device) for n in range(s.heads)]
+        for m in self.models:
+            for layer in m.lora_layers().values():
+                layer.cache_base = cache_base  # opt-in: q(W) kept dequantized (and V folded) per layer
         self.opts = [make_optimizer([p for p in m.parameters() if p.requires_grad], s.lr, 0.0) for m in self.models]
         self.step = 0
 
@@ -68,23 +75,52 @@ class _Floor:
         self.run.step += 1
 
 
+WHAT = {
+    "full": "plain model, AdamW on every weight (method=full, fused engine)",
+    "lte": "fused LTE, exact variant (default), fp32 base, V folded into per-head bases",
+    "lte_plain": "as lte, through the op-by-op reference layer (V applied to the tokens)",
+    "lte_reset": "fused LTE, reset variant (no correction term)",
+    "lte_reset_plain": "as lte_reset, through the op-by-op reference layer",
+    "lte_nf4": "fused LTE, exact, NF4 base (dequantized and folded once per merge)",
+    "separate": "N one-head HeadLTE models (what Flower clients run), fp32 base, stepped in turn",
+    "separate_nf4": "N one-head models, NF4 base dequantized (and V folded) per use: the memory-bound client",
+    "separate_nf4_cached": "as separate_nf4 with the opt-in cache (q(W) dequantized and folded once per merge, 4·m·n bytes per layer)",
+    "floor": "plain model, all weights frozen, no LoRA: forward + input gradients only",
+}
+
+
 def build(a, tmp: str) -> dict:
     from lte_fed.engine import FusedRun
+    from lte_fed.lora import set_impl
 
-    runs = {
-        "full": FusedRun(_spec(a, "full"), f"{tmp}/full"),
-        "lte": FusedRun(_spec(a, "lte"), f"{tmp}/lte"),
-        "lte_reset": FusedRun(_spec(a, "lte", variant="reset"), f"{tmp}/lte_reset"),
-        "lte_nf4": FusedRun(_spec(a, "lte", "nf4"), f"{tmp}/lte_nf4"),
+    def lte(name, quant="none", variant="exact", impl="fast"):
+        run = FusedRun(_spec(a, "lte", quant, variant), f"{tmp}/{name}")
+        set_impl(run.model, impl)
+        return run
+
+    want = set(a.variants.split(",")) if getattr(a, "variants", None) else set(WHAT)
+    make = {
+        "full": lambda: FusedRun(_spec(a, "full"), f"{tmp}/full"),
+        "lte": lambda: lte("lte"),
+        "lte_plain": lambda: lte("lte_plain", impl="plain"),
+        "lte_reset": lambda: lte("lte_reset", variant="reset"),
+        "lte_reset_plain": lambda: lte("lte_reset_plain", variant="reset", impl="plain"),
+        "lte_nf4": lambda: lte("lte_nf4", "nf4"),
+        "separate": lambda: _Separate(lte("separate")),
+        "separate_nf4": lambda: _Separate(lte("separate_nf4", "nf4")),
+        "separate_nf4_cached": lambda: _Separate(lte("separate_nf4_cached", "nf4"), cache_base=True),
+        "floor": lambda: _Floor(FusedRun(_spec(a, "full"), f"{tmp}/floor")),
     }
-    # Before the fused engine cached q(W) dequantized (lte_fed/lora.py): every forward and every
-    # input gradient dequantized again, as a memory-bound worker still does. Same values.
-    runs["lte_nf4_ondemand"] = FusedRun(_spec(a, "lte", "nf4"), f"{tmp}/lte_nf4_ondemand")
-    for layer in runs["lte_nf4_ondemand"].model.lora_layers().values():
-        layer.base_linear = layer.base.linear
-    runs["separate"] = _Separate(runs["lte"])
-    runs["floor"] = _Floor(FusedRun(_spec(a, "full"), f"{tmp}/floor"))
-    return runs
+    return {k: f() for k, f in make.items() if k in want}
+
+
+# ratio -> target of the issue it answers (None: reported, no target)
+RATIOS = {
+    "lte/full": 1.06, "lte_reset/full": 0.92, "lte_nf4/full": 1.10, "separate/lte": 1.10,
+    "separate_nf4/lte_nf4": None, "separate_nf4_cached/lte_nf4": None,
+    "lte/lte_plain": None, "lte_reset/lte_reset_plain": None, "lte_plain/full": None,
+    "lte/lte_reset": None, "lte/floor": None, "floor/full": None,
+}
 
 
 def profile(run, device, top: int = 12) -> list[dict]:
@@ -111,41 +147,42 @@ def main(a) -> dict:
                 r.train_step()
         sync(device)
         times = {k: [] for k in runs}
+        cpu = {k: [] for k in runs}
         for _ in range(a.reps):
             for k, r in runs.items():
                 with Timer() as t:
                     r.train_step()
                     sync(device)
                 times[k].append(t.s)
-        prof = {k: profile(runs[k], device) for k in ("lte", "full")} if a.profile else {}
+                cpu[k].append(t.cpu)
+        prof = {k: profile(runs[k], device) for k in ("lte", "full") if k in runs} if a.profile else {}
     out = {"config": {"model": a.model, "img_size": a.img, "patch_size": a.patch, "tokens": (a.img // a.patch) ** 2 + 1,
                       "heads": a.heads, "rank": a.rank, "alpha": float(a.rank), "batch": a.batch, "reps": a.reps,
                       "device": str(device)},
            "step_s": {k: stats(v) for k, v in times.items()}, "raw_s": times,
-           "ratios": {
-               "lte/full": ratio_stats(times["lte"], times["full"]),
-               "lte/floor": ratio_stats(times["lte"], times["floor"]),
-               "lte_reset/floor": ratio_stats(times["lte_reset"], times["floor"]),
-               "lte_reset/full": ratio_stats(times["lte_reset"], times["full"]),
-               "lte_nf4/full": ratio_stats(times["lte_nf4"], times["full"]),
-               "lte_nf4_ondemand/full": ratio_stats(times["lte_nf4_ondemand"], times["full"]),
-               "lte_nf4/lte_nf4_ondemand": ratio_stats(times["lte_nf4"], times["lte_nf4_ondemand"]),
-               "separate/lte": ratio_stats(times["separate"], times["lte"]),
-               "floor/full": ratio_stats(times["floor"], times["full"]),
-           },
+           "ratios": _ratios(times), "cpu_ratios": _ratios(cpu) if device.type == "cpu" else {}, "raw_cpu_s": cpu,
+           "targets": {k: t for k, t in RATIOS.items() if t is not None}, "what": WHAT,
            "profile": prof, "flops": linear_flops(a)}
     return out
 
 
+def _ratios(times: dict) -> dict:
+    return {k: ratio_stats(times[num], times[den]) for k in RATIOS
+            for num, den in [k.split("/")] if num in times and den in times}
+
+
 def linear_flops(a) -> dict:
-    """Matmul FLOPs per token of the model's Linears, relative to the floor (forward + input
-    gradient of the base). full adds the weight gradient; LoRA adds r(m+n) per matmul: forward,
-    input grad and the factors' grads (3), and the exact correction's forward and input grad (2)."""
+    """Matmul FLOPs per token of the model's Linears, relative to full training (forward, input
+    gradient and weight gradient of the base: 3 m·n). The floor drops the weight gradient; LoRA
+    adds r(m+n) per matmul: forward, input grad and the factors' grads (3); the exact
+    correction V applied to the tokens adds its forward and input grad (2), folded into
+    per-head bases it adds nothing per token (N·m·n·r once per merge)."""
     from lte_fed.memory import analyse
 
     lin = analyse(a.model, a.img, 10, a.patch).linears
     base = sum(m * n for m, n in lin)
     lora = sum(a.rank * (m + n) for m, n in lin)
-    floor = 2 * base
-    return {"full": 3 * base / floor, "lte_reset": (2 * base + 3 * lora) / floor,
-            "lte (exact)": (2 * base + 5 * lora) / floor}
+    full = 3 * base
+    return {"floor": 2 * base / full, "lte_reset": (2 * base + 3 * lora) / full,
+            "lte (exact, V folded)": (2 * base + 3 * lora) / full,
+            "lte (exact, V on the tokens)": (2 * base + 5 * lora) / full}

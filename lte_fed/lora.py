@@ -100,10 +100,133 @@ def _stacked_lora_term(xs, A, B):
     return torch.bmm(torch.bmm(xs, A.transpose(1, 2).to(xs.dtype)), B.transpose(1, 2).to(xs.dtype))
 
 
+def lte_linear_plain(xs, W, A, B, bias, VA, VB, scale):
+    """The LTE layer written plainly, op by op (autograd does the backward); the reference every
+    fast path is tested against.
+
+    xs (N, L, n): head n's L tokens; W (m, n) shared or (N, m, n) per head; A (N, r, n),
+    B (N, m, r); bias (N, m) or None; VA, VB like A, B or None (V = 0) -> (N, L, m):
+        y_n = W_n x_n + s·B_n A_n x_n - s·V_Bn V_An x_n + b_n.
+    """
+    w = W.to(xs.dtype)
+    y = torch.bmm(xs, w.transpose(-1, -2)) if W.ndim == 3 else F.linear(xs, w)
+    d = _stacked_lora_term(xs, A, B)
+    if VA is not None:
+        d = d - _stacked_lora_term(xs, VA, VB)
+    y = y + scale * d
+    return y if bias is None else y + bias[:, None, :].to(y.dtype)
+
+
+def fold_correction(W: torch.Tensor, VB: torch.Tensor, VA: torch.Tensor, scale: float, out=None) -> torch.Tensor:
+    """W - s·V_B V_A: W (m, n) with VB (m, r), VA (r, n) -> (m, n), or with VB (N, m, r),
+    VA (N, r, n) -> (N, m, n) (one folded base per head). `out=W` folds in place (W must be a
+    transient the caller owns, e.g. a fresh dequantization)."""
+    if VB.ndim == 3:
+        return torch.baddbmm(W.expand(VB.shape[0], *W.shape[-2:]), VB.to(W.dtype), VA.to(W.dtype), alpha=-scale)
+    if out is not None:
+        return out.addmm_(VB.to(W.dtype), VA.to(W.dtype), alpha=-scale)
+    return torch.addmm(W, VB.to(W.dtype), VA.to(W.dtype), alpha=-scale)
+
+
+def fold_is_cheaper(tokens: int, m: int, n: int) -> bool:
+    """Whether folding V into the base (one (m, r) x (r, n) product per use, m·n·r MACs) beats
+    applying it to the tokens (tokens·r·(m+n) MACs), per forward and per input gradient alike."""
+    return m * n < tokens * (m + n)
+
+
+class _LTELinear(torch.autograd.Function):
+    """The LTE layer's forward and backward written out, so that each step is one BLAS call
+    that accumulates into its output, with no full-size temporaries in between: the plain
+    composition spends ~6 extra passes over (N, L, m)/(N, L, n) tensors per layer (scaling,
+    the bias add, the sum of the base and LoRA outputs and of their input gradients), and
+    4 more kernel calls when V is applied to the tokens.
+
+    Shapes: xs (N, L, n); A (N, r, n); B (N, m, r); bias (N, m) or None; VA, VB like A, B, or
+    None when V is 0 or already folded into the base. `base()` returns W as (m, n) shared by
+    every head or (N, m, n) per head; it is called again in the backward rather than saved,
+    so a base dequantized (or folded) on the fly lives only while its matmul runs.
+
+    With V given, [A; V_A] (N, 2r, n) and [s·B, -s·V_B] (N, m, 2r) make the LoRA term and its
+    correction one rank-2r product; only the first r rows/columns get gradients.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, A, B, bias, VA, VB, base, scale):
+        # Under autocast every matmul runs in the autocast dtype, chosen here once: autocast
+        # itself is off inside, because it would not cast the in-place accumulations.
+        dev = xs.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+        ctx.dtypes = (xs.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(dev, enabled=False):
+            xs = xs.to(dt)
+            r = A.shape[1]
+            Af, Bf = A.to(dt), B.to(dt) * scale
+            if VA is not None:
+                Af = torch.cat([Af, VA.to(dt)], 1)
+                Bf = torch.cat([Bf, VB.to(dt) * -scale], 2)
+            h = torch.bmm(xs, Af.transpose(1, 2))  # (N, L, R)
+            if bias is None:
+                y = torch.bmm(h, Bf.transpose(1, 2))
+            else:
+                y = torch.baddbmm(bias.to(dt)[:, None, :], h, Bf.transpose(1, 2))
+            _base_matmul(y, xs, base().to(dt))
+        ctx.save_for_backward(xs, h, Af, Bf)
+        ctx.base, ctx.r, ctx.scale = base, r, scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xs, h, Af, Bf = ctx.saved_tensors
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        x_dt, A_dt, B_dt, bias_dt = ctx.dtypes
+        r = ctx.r
+        gx = gA = gB = gbias = None
+        with torch.autocast(xs.device.type, enabled=False):
+            g = g.to(xs.dtype).contiguous()
+            if need_x or need_A:
+                gh = torch.bmm(g, Bf)  # (N, L, R): s·B_nᵀ g [, -s·V_Bnᵀ g]
+            if need_x:
+                w = ctx.base().to(g.dtype)
+                gx = torch.bmm(g, w) if w.ndim == 3 else torch.mm(g.reshape(-1, g.shape[-1]), w).view(xs.shape)
+                gx = gx.baddbmm_(gh, Af).to(x_dt)
+            if need_A:
+                gA = torch.bmm(gh[..., :r].transpose(1, 2), xs).to(A_dt)
+            if need_B:
+                gB = torch.bmm(g.transpose(1, 2), h[..., :r]).mul_(ctx.scale).to(B_dt)
+            if need_bias:
+                gbias = g.sum(1).to(bias_dt)
+        return gx, gA, gB, gbias, None, None, None, None
+
+
+def _base_matmul(y, xs, w):
+    """y += W x in place: y (N, L, m), xs (N, L, n), w (m, n) shared or (N, m, n) per head."""
+    if w.ndim == 3:
+        y.baddbmm_(xs, w.transpose(1, 2))
+    else:
+        y.view(-1, y.shape[-1]).addmm_(xs.reshape(-1, xs.shape[-1]), w.t())
+
+
+def lte_linear(xs, base, A, B, bias, VA, VB, scale):
+    """The fast LTE layer (same arguments and result as `lte_linear_plain`, with `base` a
+    callable returning W, see `_LTELinear`)."""
+    return _LTELinear.apply(xs.contiguous(), A, B, bias, VA, VB, base, scale)
+
+
 # ----------------------------------------------------------------------------------- layers
 class LoRALinear(nn.Module):
     """One LTE head wrapping an `nn.Linear`: the base is frozen (optionally quantized), A, B and
-    the bias (a replica) train. Shapes: base (m, n), lora_A (r, n), lora_B (m, r)."""
+    the bias (a replica) train. Shapes: base (m, n), lora_A (r, n), lora_B (m, r).
+
+    Memory: the worker holds q(W) and, while one layer's matmul runs, one transient fp32 (m, n)
+    (q(W) dequantized, or W - s·V folded); nothing m×n is kept between layers. Opt-in
+    `cache_base = True` keeps that fp32 matrix per layer instead (4·m·n bytes each: the whole
+    model in fp32 once more) and spares its recomputation in every forward and input gradient.
+    `impl = "plain"` runs the op-by-op reference (`lte_linear_plain`) instead of `lte_linear`.
+    """
+
+    impl = "fast"
+    cache_base = False
 
     def __init__(
         self,
@@ -133,8 +256,32 @@ class LoRALinear(nn.Module):
             self.corr_A = self.corr_B = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base.linear(x) + self.scale * _lora_term(x, self.lora_A, self.lora_B, self.corr_A, self.corr_B)
-        return y if self.bias is None else y + self.bias
+        if self.impl == "plain":
+            y = self.base.linear(x) + self.scale * _lora_term(x, self.lora_A, self.lora_B, self.corr_A, self.corr_B)
+            return y if self.bias is None else y + self.bias
+        m, n = self.out_features, self.in_features
+        xs = x.reshape(1, -1, n)
+        # The exact variant's V goes into the (transient) base when that is the cheaper matmul.
+        fold = self.corr_A is not None and (self.cache_base or fold_is_cheaper(xs.shape[1], m, n))
+        VA, VB = (None, None) if fold or self.corr_A is None else (self.corr_A[None], self.corr_B[None])
+        bias = None if self.bias is None else self.bias[None]
+        y = lte_linear(xs, lambda: self._base_weight(fold), self.lora_A[None], self.lora_B[None], bias, VA, VB,
+                       self.scale)
+        return y.view(*x.shape[:-1], m)
+
+    def _base_weight(self, fold: bool) -> torch.Tensor:
+        """W (m, n) as the matmul uses it: q(W) dequantized, minus s·V if `fold`."""
+        if self.cache_base:
+            key = (_versions(*self.base.parts().values(), self.corr_A, self.corr_B), fold, self.scale)
+            return _cached(self, "_base_cache", key, lambda: self._make_base_weight(fold))
+        return self._make_base_weight(fold)
+
+    def _make_base_weight(self, fold: bool) -> torch.Tensor:
+        w = self.base.dequantize()
+        if not fold:
+            return w
+        # Fold in place into a fresh dequantization; W held in full precision must be copied.
+        return fold_correction(w, self.corr_B, self.corr_A, self.scale, out=None if self.base.fmt == "none" else w)
 
     @torch.no_grad()
     def commit_merge(self) -> None:
@@ -155,7 +302,14 @@ class StackedLoRALinear(nn.Module):
         y_n = q(W) x_n - s V_n x_n + s B_n A_n x_n + b_n.
     mode "sum" (multi-head LoRA, paper eq. 2): every sample sees all heads,
         y = q(W) x + (s/N) Σ_n B_n A_n x + mean_n b_n.
+
+    `fold` (exact variant): keep W_q - s·V_n per head (`_folded`, N·m·n floats) so that V costs
+    nothing per step; without it V is applied to the tokens as part of one rank-2r product.
+    `cache_base`: keep q(W) dequantized (m·n floats). `impl = "plain"`: the op-by-op reference.
     """
+
+    impl = "fast"
+    cache_base = True
 
     def __init__(
         self,
@@ -168,6 +322,7 @@ class StackedLoRALinear(nn.Module):
         init: str = "orthogonal",
         quant: str = "nf4",
         generators: list[torch.Generator],
+        fold: bool = True,
     ):
         super().__init__()
         _check(rank, variant)
@@ -179,6 +334,7 @@ class StackedLoRALinear(nn.Module):
         self.variant = variant
         self.quant = quant
         self.mode = "split"
+        self.fold = fold
         self.register_buffer("weight", linear.weight.detach().clone().float())
         self.base = None if quant == "none" else QuantizedWeight.from_weight(self.weight, quant)
         self.lora_A = nn.Parameter(torch.stack([init_lora_A(rank, n, init, g) for g in generators]))
@@ -192,26 +348,35 @@ class StackedLoRALinear(nn.Module):
         else:
             self.corr_A = self.corr_B = None
 
-    def base_linear(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight if self.base is None else self._dequantized()
-        return F.linear(x, w.to(x.dtype))
+    def _base_weight(self) -> torch.Tensor:
+        """The shared base W (m, n) the forward uses: W itself, or q(W) dequantized once and
+        reused until the packed tensors change (a merge, a load, a move). The fused engine holds
+        W in full precision anyway, so one more copy costs what W costs, and spares the two
+        dequantizations per layer per step that a memory-bound worker pays. `cache_base = False`
+        dequantizes on every use instead (what a worker does; same values)."""
+        if self.base is None:
+            return self.weight
+        if not self.cache_base:
+            return self.base.dequantize()
+        return _cached(self, "_deq_cache", _versions(*self.base.parts().values()), self.base.dequantize)
 
-    def _dequantized(self) -> torch.Tensor:
-        """q(W) as float, dequantized once and reused until the packed tensors change (a merge,
-        a load, a move). The fused engine holds W in full precision anyway, so one more copy
-        costs what W costs, and spares the two dequantizations per layer per step that a
-        memory-bound worker (`LoRALinear`, `QuantizedWeight.linear`) pays. The values are
-        the same: the same dequantize of the same packed tensors."""
-        key = tuple((id(t), t._version) for t in self.base.parts().values())
-        if getattr(self, "_deq_key", None) != key:
-            self._deq = self.base.dequantize()
-            self._deq_key = key
-        return self._deq
+    def _folded(self) -> torch.Tensor:
+        """Per-head bases W_q - s·V_n, (N, m, n), kept until W, q(W) or V change (at merges).
+        Costs N·m·n floats, and makes the exact variant's step cost the reset variant's: V is
+        never applied to the tokens."""
+        key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
+                         self.corr_A, self.corr_B), self.scale)
+
+        def make():
+            w = self.weight if self.base is None else self.base.dequantize()
+            return fold_correction(w, self.corr_B, self.corr_A, self.scale)
+
+        return _cached(self, "_fold_cache", key, make)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_linear(x)
         N, s = self.heads, self.scale
         if self.mode == "sum":
+            y = F.linear(x, self._base_weight().to(x.dtype))
             A = self.lora_A.reshape(N * self.rank, -1)  # (N r, n)
             B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (m, N r)
             y = y + (s / N) * F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype))
@@ -219,13 +384,14 @@ class StackedLoRALinear(nn.Module):
         if x.shape[0] % N:
             raise ValueError(f"batch of {x.shape[0]} does not split into {N} heads")
         xs = x.reshape(N, -1, self.in_features)  # head n owns the n-th slice of the batch
-        d = _stacked_lora_term(xs, self.lora_A, self.lora_B)
-        if self.corr_A is not None:
-            d = d - _stacked_lora_term(xs, self.corr_A, self.corr_B)
-        d = s * d
-        if self.bias is not None:
-            d = d + self.bias[:, None, :].to(d.dtype)
-        return y + d.reshape(y.shape)
+        if self.impl == "plain":
+            y = lte_linear_plain(xs, self._base_weight(), self.lora_A, self.lora_B, self.bias, self.corr_A,
+                                 self.corr_B, s)
+        elif self.corr_A is not None and self.fold:
+            y = lte_linear(xs, self._folded, self.lora_A, self.lora_B, self.bias, None, None, s)
+        else:
+            y = lte_linear(xs, self._base_weight, self.lora_A, self.lora_B, self.bias, self.corr_A, self.corr_B, s)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -247,6 +413,30 @@ class StackedLoRALinear(nn.Module):
             f"{self.in_features}->{self.out_features}, heads={self.heads}, rank={self.rank}, "
             f"scale={self.scale:g}, {self.variant}, base={self.quant}"
         )
+
+
+def _versions(*tensors) -> tuple:
+    """A key that changes whenever any of `tensors` is written to or replaced (None allowed)."""
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
+
+
+def _cached(owner: nn.Module, slot: str, key, make):
+    """make(), computed again only when `key` changes; kept on `owner` as a plain attribute (a
+    cache: never in the state dict, rebuilt after a load or a move)."""
+    hit = owner.__dict__.get(slot)
+    if hit is None or hit[0] != key:
+        owner.__dict__[slot] = hit = (key, make())
+    return hit[1]
+
+
+def set_impl(model: nn.Module, impl: str) -> None:
+    """Run every LTE layer of `model` with the fast path ("fast") or the op-by-op reference
+    ("plain"); both compute the same numbers up to float rounding."""
+    if impl not in ("fast", "plain"):
+        raise ValueError(impl)
+    for m in model.modules():
+        if isinstance(m, (LoRALinear, StackedLoRALinear)):
+            m.impl = impl
 
 
 def _check(rank: int, variant: str) -> None:

@@ -50,6 +50,10 @@ class LTEConfig:
     quant: str = QuantSpec.base
     keep_norm_affine: bool = LTESpec.keep_norm_affine
     seed: int = RunSpec.seed
+    # The fused engine folds the exact variant's V_n into per-head bases W - s·V_n (N·m·n fp32
+    # per layer) when all of them together fit in this many bytes; otherwise V is applied to
+    # the tokens every step (exact LTE then costs 4·r(m+n)/(m·n) more per token than reset).
+    fold_max_bytes: int = 4 * 2**30
 
     def __post_init__(self):
         if not isinstance(self.heads, int) or self.heads <= 0:
@@ -63,6 +67,8 @@ class LTEConfig:
         if self.init not in INITS:
             raise ValueError(f"lte.init={self.init!r} is not one of {', '.join(INITS)}")
         check_format(self.quant)
+        if not isinstance(self.fold_max_bytes, int) or self.fold_max_bytes < 0:
+            raise ValueError(f"fold_max_bytes must be a non-negative integer, got {self.fold_max_bytes!r}")
 
     @property
     def scale(self) -> float:
@@ -288,9 +294,11 @@ class StackedLTE(nn.Module):
         net = copy.deepcopy(model)
         self.plan = plan(net, cfg.keep_norm_affine)
         gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in range(N)]
+        fold_bytes = 4 * N * sum(net.get_submodule(name).weight.numel() for name in self.plan.lora)
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
-                                      init=cfg.init, quant=cfg.quant, generators=gens)
+                                      init=cfg.init, quant=cfg.quant, generators=gens,
+                                      fold=fold_bytes <= cfg.fold_max_bytes)
             _set(net, name, layer)
         self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas
         for name, shape in self.plan.replicas.items():

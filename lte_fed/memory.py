@@ -21,7 +21,9 @@ Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exa
     int8:    m·n + 4 · m  (fp32 absmax per row)
     none:    4 · m·n
 The dequant buffer is one fp32 copy of the largest Linear (the forward and the input-gradient
-rebuild W on the fly, one layer at a time).
+rebuild W on the fly, one layer at a time). The exact variant needs it with a full-precision base
+too: a client folds W - s·V into such a transient when that is the cheaper matmul
+(`lora.fold_is_cheaper`, true at ViT sizes and batches).
 
 Activation model (fp32, what autograd saves for backward, transformer-like nets):
     act = batch · tokens · width · depth · ACT_FLOATS_PER_TOKEN · 4 bytes
@@ -166,7 +168,7 @@ def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, i
         "trainable": FP32 * (trainable + corr),
         "grads": FP32 * trainable,
         "optimizer": 2 * FP32 * trainable,
-        "workspace": 0 if quant == "none" else FP32 * max(m * n for m, n in shape.linears),
+        "workspace": 0 if quant == "none" and variant != "exact" else FP32 * max(m * n for m, n in shape.linears),
         "activations": activation_bytes(shape, batch, rank, 2 if variant == "exact" else 1),
     }
     out["total"] = _peak(out)
