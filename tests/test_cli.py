@@ -82,7 +82,7 @@ def test_two_flower_runs_at_once_both_finish_and_leave_nothing_running(tmp_path)
         assert p.returncode == 0, err[-3000:]
         rows = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(3, steps[name] + 1, 3))
-        assert {"summary.json", "model.safetensors", "checkpoint.pt", "flower.log"} <= {
+        assert {"summary.json", "model.safetensors", "checkpoint.safetensors", "flower.log"} <= {
             f.name for f in (tmp_path / name).iterdir()}
         assert "| lte (flower, N=2, r=4)" in out
         assert "lte flower" in err and f"{steps[name]}/{steps[name]}" in err, err[-2000:]  # the progress bar
@@ -108,7 +108,7 @@ def test_an_error_only_the_server_app_sees_is_one_line(tmp_path):
 def test_ctrl_c_stops_a_flower_run_and_says_how_to_resume(tmp_path):
     out, tag = tmp_path / "run", uuid.uuid4().hex
     p = lte_fed_started(*FLOWER, "train.steps=600", f"run.out={out}", cwd=tmp_path, tag=tag)
-    while p.poll() is None and not (out / "checkpoint.pt").exists():  # a merge has finished
+    while p.poll() is None and not (out / "checkpoint.safetensors").exists():  # a merge has finished
         time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=300)
