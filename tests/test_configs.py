@@ -47,7 +47,7 @@ def test_same_batch_on_flower_trains_every_head_as_the_fused_engine_does(tmp_pat
     run_flower(quick_spec("lte", "flower", lte={"same_batch": True}), tmp_path / "flower")
     assert [row["merged_heads"] for row in RunDir(tmp_path / "flower").read_metrics()] == [2, 2]
     logged = (tmp_path / "flower" / "flower.log").read_text()  # the ServerApp's log
-    assert "failed" not in logged and "rejected" not in logged, logged[-3000:]
+    assert "not merged" not in logged, logged[-3000:]  # no head refused (Ray's own warnings may say "failed")
     run_fused(quick_spec("lte", "fused", lte={"same_batch": True}), tmp_path / "fused")
     assert max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused")) < 1e-4
 

@@ -142,12 +142,13 @@ def test_flower_server_logs_the_head_alignment_the_fused_engine_logs(tmp_path):
     received = {h: fused.model.head_state(h) for h in range(3)}  # what the three clients would send
 
     strategy = LTEStrategy(spec, fused.job, tmp_path / "flower")
-    got = strategy.alignment(received)
+    got = strategy._alignment(received)
     assert got == pytest.approx(expected, rel=1e-5)
     assert 0.0 < got["head_cosine"] < 1.0 and got["head_grassmann"] > 0.0
-    strategy._alignment, strategy._round_loss, strategy._bytes_up, strategy._bytes_down = got, 1.0, 1, 1
-    strategy.log_round(1, None)
-    strategy.log_round(2, None)  # a round whose heads were not measured logs no stale values
+    strategy.alignment, strategy.round_loss, strategy.bytes_up, strategy.bytes_down = got, 1.0, 1, 1
+    strategy.eval_model = fused.job.plain
+    strategy.log_round(1, {"merged_heads": 3})
+    strategy.log_round(2, {"merged_heads": 3})  # a round whose heads were not measured logs no stale values
     rows = RunDir(tmp_path / "flower").read_metrics()
     assert rows[0]["head_cosine"] == got["head_cosine"] and rows[0]["head_grassmann"] == got["head_grassmann"]
     assert "head_cosine" not in rows[1]
