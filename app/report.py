@@ -262,8 +262,10 @@ def _styles(runs: list[Run], plt) -> dict[str, dict[str, Any]]:
     return styles
 
 
-def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
-    need = ("round", "step", "samples", "test_acc")
+def _plot_curves(runs: list[Run], keys: list[str], path: Path, *, metric: str, progress: str,
+                 ylabel: str, progress_label: str, title: str) -> bool:
+    """`metric` against sync steps (log) and against `progress` (samples or tokens), one line a run."""
+    need = ("round", "step", progress, metric)
     runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
     if not runs:
         return False
@@ -273,48 +275,34 @@ def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
     for r in runs:
         rows = [x for x in r.rows if all(k in x for k in need)]
         kw = styles[r.name] | {"label": label(r, keys)}
-        axes[0].plot([sync_steps(r, x) for x in rows], [x["test_acc"] for x in rows], **kw)
-        axes[1].plot([x["samples"] for x in rows], [x["test_acc"] for x in rows], **kw)
+        axes[0].plot([sync_steps(r, x) for x in rows], [x[metric] for x in rows], **kw)
+        axes[1].plot([x[progress] for x in rows], [x[metric] for x in rows], **kw)
     axes[0].set_xlabel("synchronization steps (merges; full: optimizer steps)")
     axes[0].set_xscale("log")
-    axes[1].set_xlabel("training samples seen (all heads together)")
-    axes[0].set_ylabel("test accuracy (%)")
+    axes[1].set_xlabel(progress_label)
+    axes[0].set_ylabel(ylabel)
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.suptitle("Test accuracy vs synchronization steps and samples seen")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
+
+
+def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
+    return _plot_curves(runs, keys, path, metric="test_acc", progress="samples", ylabel="test accuracy (%)",
+                        progress_label="training samples seen (all heads together)",
+                        title="Test accuracy vs synchronization steps and samples seen")
 
 
 def plot_loss(runs: list[Run], keys: list[str], path: Path) -> bool:
     """Language models: validation loss vs sync steps and vs tokens seen."""
-    need = ("round", "step", "tokens", "val_loss")
-    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
-    if not runs:
-        return False
-    plt = _plt()
-    styles = _styles(runs, plt)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
-    for r in runs:
-        rows = [x for x in r.rows if all(k in x for k in need)]
-        kw = styles[r.name] | {"label": label(r, keys)}
-        axes[0].plot([sync_steps(r, x) for x in rows], [x["val_loss"] for x in rows], **kw)
-        axes[1].plot([x["tokens"] for x in rows], [x["val_loss"] for x in rows], **kw)
-    axes[0].set_xlabel("synchronization steps (merges; full: optimizer steps)")
-    axes[0].set_xscale("log")
-    axes[1].set_xlabel("training tokens seen (all heads together)")
-    axes[0].set_ylabel("validation loss (nats per token)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    fig.suptitle("Validation loss vs synchronization steps and tokens seen")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return True
+    return _plot_curves(runs, keys, path, metric="val_loss", progress="tokens",
+                        ylabel="validation loss (nats per token)",
+                        progress_label="training tokens seen (all heads together)",
+                        title="Validation loss vs synchronization steps and tokens seen")
 
 
 def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
