@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from dataclasses import dataclass, field
 
 import torch
@@ -205,9 +206,9 @@ class RoundMerge:
                 if g.max_ratio and not d <= g.max_ratio * ref:
                     reason = f"update of {name!r} is {d:.3g}, over {g.max_ratio:g}x its size {ref:.3g}"
                     break
-                others = sorted(norms[o][name] for o in norms if o != h)
+                others = [norms[o][name] for o in norms if o != h]
                 if g.max_outlier and name in self.W and len(others) >= 2:
-                    med = others[len(others) // 2] if len(others) % 2 else 0.5 * (others[len(others) // 2 - 1] + others[len(others) // 2])
+                    med = statistics.median(others)
                     if med > 0 and not d <= g.max_outlier * med:
                         reason = f"update of {name!r} is {d:.3g}, over {g.max_outlier:g}x the other heads' median {med:.3g}"
                         break

@@ -24,7 +24,7 @@ from lte_fed.ledger import Guard, relative_change
 from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 
-from .grid_utils import PartitionMap, message_bytes
+from .grid_utils import PartitionMap, message_bytes, reply_bytes
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -68,7 +68,7 @@ class FedAvgStrategy(RoundLoop):
                           f"a second answer from worker {worker}")
                 continue
             seen.add(worker)
-            self.bytes_up += message_bytes(reply)
+            self.bytes_up += reply_bytes(reply)
             error = reply.error.reason if reply.has_error() else None
             verdict = P.screen_reply(None if error else reply.content, self.layout, worker, error, arrays=P.WEIGHTS)
             reason = verdict.reason or self._too_large(verdict.state)

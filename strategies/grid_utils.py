@@ -24,6 +24,14 @@ def message_bytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
+def reply_bytes(msg: Message) -> int:
+    """`message_bytes` of a worker's reply; one that cannot even be serialized counts 0."""
+    try:
+        return message_bytes(msg)
+    except Exception:  # noqa: BLE001 -- a malformed reply must not crash the byte count
+        return 0
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while (n := len(list(grid.get_node_ids()))) < expected:

@@ -38,7 +38,7 @@ from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
-from .grid_utils import PartitionMap, message_bytes
+from .grid_utils import PartitionMap, message_bytes, reply_bytes
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -122,7 +122,7 @@ class LTEStrategy(RoundLoop):
                 log.warning("round %d: a reply to an unknown message was ignored", server_round)
                 continue
             if head not in answered:  # a duplicate moved no new information: count its bytes once
-                self.bytes_up += _bytes_of(reply)
+                self.bytes_up += reply_bytes(reply)
             answered.add(head)
             error = reply.error.reason if reply.has_error() else None
             self._round.receive(head, None if error is not None else reply.content, error)
@@ -167,8 +167,7 @@ class LTEStrategy(RoundLoop):
         """Continue from `run.resume`: server state from its checkpoint, the history and (in
         simulation) the clients' saved state copied into this run's directory."""
         src, tensors, meta = open_resume(self.spec)
-        self.W = {k: v for k, v in unprefixed("W", tensors).items()}
-        self.replicas = {k: v for k, v in unprefixed("replica", tensors).items()}
+        self.W, self.replicas = unprefixed("W", tensors), unprefixed("replica", tensors)
         if self.W.keys() != set(self.plan.lora) or self.replicas.keys() != set(self.plan.replicas):
             raise SpecError(f"run.resume: the checkpoint in {src.path} holds another model's tensors")
         self.ledger.load(tensors, meta["heads"])
@@ -179,9 +178,3 @@ class LTEStrategy(RoundLoop):
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)
 
-
-def _bytes_of(msg: Message) -> int:
-    try:
-        return message_bytes(msg)
-    except Exception:  # noqa: BLE001 -- a reply that cannot even be serialized moved nothing we can count
-        return 0
