@@ -22,6 +22,7 @@ from torch import nn
 
 from .job import LORA_METHODS, Job, batch_source, describe, lte_config, progress, setup  # noqa: F401 (re-exported)
 from .lte import StackedLTE, accounting
+from .outer import OuterOptimizer, outer_config
 from .rundir import RunDir, open_resume
 from .spec import Spec, SpecError
 from .train import (autocast, clip_per_head, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
@@ -70,6 +71,10 @@ class FusedRun:
         else:
             raise SpecError(f"method={s.method!r} runs on Flower only (run.engine=flower)")
         self.opt = make_optimizer(self.params, s.lr, s.train.weight_decay)
+        # The outer optimizer (lte.outer; None for avg, the plain merge) and the replicas' values
+        # as of the last merge, which it measures their update from.
+        self.outer = None if s.method == "full" or outer_config(s).is_avg else OuterOptimizer(outer_config(s))
+        self.anchors = self.model.replica_anchors() if self.outer is not None else {}
         self.eval_model = copy.deepcopy(self.job.plain).to(dev)
         self.step, self.round, self.wall = 0, 0, 0.0
 
@@ -115,7 +120,7 @@ class FusedRun:
         if s.train.log_alignment and s.method in LORA_METHODS and s.heads > 1:
             row |= self.alignment()
         if s.method in ("lte", "lora_merge"):
-            self.model.merge()
+            self.model.merge(self.outer, self.anchors)
         self.round += 1
         self.wall += time.perf_counter() - started
         self.eval_model.load_state_dict(self.plain_state())
@@ -142,6 +147,8 @@ class FusedRun:
     # --- checkpoints
     def save_checkpoint(self) -> None:
         tensors = prefixed("model", self.model.state_dict()) | prefixed("opt", optimizer_tensors(self.opt))
+        if self.outer is not None:
+            tensors |= prefixed("outer", self.outer.tensors()) | prefixed("anchor", self.anchors)
         self.dir.save_checkpoint(tensors, {"spec": self.spec.to_dict(), "step": self.step, "round": self.round,
                                            "wall_s": self.wall})
 
@@ -150,6 +157,9 @@ class FusedRun:
         src, tensors, meta = open_resume(self.spec)
         self.model.load_state_dict(unprefixed("model", tensors))
         load_optimizer_tensors(self.opt, unprefixed("opt", tensors))
+        if self.outer is not None:
+            self.outer.load(unprefixed("outer", tensors))
+            self.anchors = unprefixed("anchor", tensors)
         self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
         self.dir.adopt_history(src, self.round)
 

@@ -28,6 +28,7 @@ import torch
 
 from . import protocol as P
 from .lora import commit_factors, merge_update
+from .outer import OuterOptimizer
 
 log = logging.getLogger("lte_fed.server")
 
@@ -133,8 +134,9 @@ class RoundMerge:
     """
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
-                 layout: dict, *, scale: float, variant: str, guard: Guard = Guard()):
-        self.rnd, self.ledger, self.W, self.replicas = rnd, ledger, W, replicas
+                 layout: dict, *, scale: float, variant: str, guard: Guard = Guard(),
+                 outer: OuterOptimizer | None = None):
+        self.rnd, self.ledger, self.W, self.replicas, self.outer = rnd, ledger, W, replicas, outer
         self.layout, self.scale, self.exact, self.guard = layout, scale, variant == "exact", guard
         self.sent: dict[int, int] = {}  # head -> node it was sent to this round
         self.got: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}  # head -> (node, state, loss)
@@ -182,12 +184,16 @@ class RoundMerge:
         bad = [k for k, t in (new_W | new_replicas).items() if not torch.isfinite(t).all()]
         if bad:
             log.error("round %d: the merge would make %r non-finite: nothing merged this round", self.rnd, bad[0])
+            if self.outer is not None:
+                self.outer.discard()
             for h in good:
                 self.ledger[h].holder = None
                 result.rejected[h] = f"merge not finite ({bad[0]})"
             return result
         self.W.update(new_W)
         self.replicas.update(new_replicas)
+        if self.outer is not None:
+            self.outer.commit()
         for h, state in ((h, s) for h, (_, s, _) in good.items()):
             self._commit(h, state)
         for r in self.ledger.records:
@@ -229,8 +235,9 @@ class RoundMerge:
 
     @torch.no_grad()
     def _merged(self, good: dict[int, dict[str, torch.Tensor]]) -> tuple[dict, dict]:
-        """W + (s/|S|) Σ_{n∈S} (B_n A_n − V_n) and the replicas' mean over S (heads in order, so
-        the sums are deterministic)."""
+        """W + Δ with Δ = (s/|S|) Σ_{n∈S} (B_n A_n − V_n), and the replicas' mean over S (heads in
+        order, so the sums are deterministic); through the outer optimizer if there is one
+        (lte_fed/outer.py: its step instead of Δ, proposed here and committed with the merge)."""
         heads = sorted(good)
         new_W = {}
         for name, W in self.W.items():
@@ -238,8 +245,12 @@ class RoundMerge:
             A = torch.stack([good[h][f"{name}.lora_A"].float() for h in heads])
             VB = torch.stack([self.ledger[h].state[f"{name}.corr_B"] for h in heads]) if self.exact else None
             VA = torch.stack([self.ledger[h].state[f"{name}.corr_A"] for h in heads]) if self.exact else None
-            new_W[name] = W + merge_update(B, A, VB, VA, self.scale)
-        new_replicas = {name: torch.stack([good[h][name].float() for h in heads]).mean(0) for name in self.replicas}
+            delta = merge_update(B, A, VB, VA, self.scale)
+            new_W[name] = W + (delta if self.outer is None else self.outer.propose(name, delta))
+        new_replicas = {}
+        for name, old in self.replicas.items():
+            mean = torch.stack([good[h][name].float() for h in heads]).mean(0)
+            new_replicas[name] = mean if self.outer is None else self.outer.propose_mean(name, mean, old)
         return new_W, new_replicas
 
     def _commit(self, head: int, reply: dict[str, torch.Tensor]) -> None:

@@ -394,12 +394,14 @@ class StackedLoRALinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W + (s/N) Σ (B_n A_n - V_n); then V <- B A (exact) or B <- 0 (reset); biases
-        averaged; q(W) refreshed."""
-        self.weight += merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.scale).to(self.weight)
+    def merge(self, step=None, average_bias: bool = True) -> None:
+        """W <- W + Δ with Δ = (s/N) Σ (B_n A_n - V_n), or W + step(Δ) (an outer optimizer,
+        lte_fed/outer.py); then V <- B A (exact) or B <- 0 (reset); biases averaged unless the
+        caller merges them (`average_bias=False`); q(W) refreshed."""
+        delta = merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.scale).to(self.weight)
+        self.weight += delta if step is None else step(delta)
         commit_factors(self.lora_A, self.lora_B, self.corr_A, self.corr_B, self.variant)
-        if self.bias is not None:
+        if self.bias is not None and average_bias:
             self.bias.copy_(self.bias.mean(0, keepdim=True).expand_as(self.bias))
         if self.base is not None:
             self.base.set_weight(self.weight)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,9 @@ from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
 from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear
 from .quant import check_format
 from .spec import LTESpec, QuantSpec, RunSpec
+
+if TYPE_CHECKING:
+    from .outer import OuterOptimizer
 
 
 class ParameterizeError(ValueError):
@@ -367,12 +371,29 @@ class StackedLTE(nn.Module):
         return [*(p for l in self.lora_layers().values() for p in (l.lora_A, l.lora_B)), *self.replica_params().values()]
 
     @torch.no_grad()
-    def merge(self) -> None:
-        for layer in self.lora_layers().values():
-            layer.merge()  # also averages its bias
+    def merge(self, outer: "OuterOptimizer | None" = None, anchors: dict[str, torch.Tensor] | None = None) -> None:
+        """Merge every head into W and the replicas: the plain average, or through `outer`
+        (lte_fed/outer.py), with `anchors` the replicas' values as of the last merge (updated
+        here to the new ones). The outer state is committed."""
+        if outer is None:
+            for layer in self.lora_layers().values():
+                layer.merge()  # also averages its bias
+            for name, p in self.replica_params().items():
+                if not isinstance(self.net.get_submodule(_split(name)[0]), StackedLoRALinear):
+                    p.copy_(p.mean(0, keepdim=True).expand_as(p))
+            return
+        for name, layer in self.lora_layers().items():
+            layer.merge(lambda delta, name=name: outer.propose(name, delta), average_bias=False)
         for name, p in self.replica_params().items():
-            if not isinstance(self.net.get_submodule(_split(name)[0]), StackedLoRALinear):
-                p.copy_(p.mean(0, keepdim=True).expand_as(p))
+            new = outer.propose_mean(name, p.mean(0), anchors[name])
+            p.copy_(new.unsqueeze(0).expand_as(p))
+            anchors[name] = new.clone()
+        outer.commit()
+
+    def replica_anchors(self) -> dict[str, torch.Tensor]:
+        """Every replica's value as of now, taken from head 0 (right after a merge, or at init,
+        all heads hold the same): what `merge(outer, anchors)` measures the next Δ from."""
+        return {name: p[0].detach().clone() for name, p in self.replica_params().items()}
 
     # --- state
     def head_state(self, n: int, with_corr: bool = False) -> dict[str, torch.Tensor]:

@@ -58,6 +58,14 @@ class LTESpec:
     init: str = "orthogonal"
     keep_norm_affine: bool = False
     same_batch: bool = False  # every head sees the same full batch (the multi-head LoRA regime)
+    # The server's outer optimizer on the merged update (lte_fed/outer.py): avg | nesterov | adam.
+    # outer_lr / outer_momentum (Nesterov's mu, Adam's beta1) / outer_beta2 / outer_eps are
+    # ignored by avg.
+    outer: str = "avg"
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    outer_beta2: float = 0.99
+    outer_eps: float = 1e-8
 
 
 @dataclass
@@ -255,6 +263,7 @@ def validate(s: Spec) -> Spec:
     from .lora import INITS, VARIANTS
     from .models import is_language_model, list_models
     from .text import PARTITIONS, TOKENIZERS
+    from .outer import OUTERS
     from .quant import QUANT_FORMATS
 
     _check_types(s)
@@ -265,6 +274,11 @@ def validate(s: Spec) -> Spec:
     _need(s.lte.merge_every > 0, "lte.merge_every", f"must be a positive integer, got {s.lte.merge_every!r}")
     _need(s.lte.variant in VARIANTS, "lte.variant", f"{s.lte.variant!r} is not one of {', '.join(VARIANTS)}")
     _need(s.lte.init in INITS, "lte.init", f"{s.lte.init!r} is not one of {', '.join(INITS)}")
+    _need(s.lte.outer in OUTERS, "lte.outer", f"{s.lte.outer!r} is not one of {', '.join(OUTERS)}")
+    _need(s.lte.outer_lr > 0, "lte.outer_lr", f"must be > 0, got {s.lte.outer_lr!r}")
+    _need(0 <= s.lte.outer_momentum < 1, "lte.outer_momentum", f"must be in [0, 1), got {s.lte.outer_momentum!r}")
+    _need(0 <= s.lte.outer_beta2 < 1, "lte.outer_beta2", f"must be in [0, 1), got {s.lte.outer_beta2!r}")
+    _need(s.lte.outer_eps > 0, "lte.outer_eps", f"must be > 0, got {s.lte.outer_eps!r}")
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
     _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")

@@ -34,6 +34,7 @@ from lte_fed.convert import to_original_state
 from lte_fed.job import Job, lte_config
 from lte_fed.ledger import Guard, HeadLedger, RoundMerge
 from lte_fed.lte import HeadLTE, plan
+from lte_fed.outer import OuterOptimizer, outer_config
 from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 from lte_fed.train import head_alignment, prefixed, unprefixed
@@ -58,6 +59,7 @@ class LTEStrategy(RoundLoop):
                                   for n in range(self.cfg.heads)])
         self.layout = P.expected_head_layout(self.ledger[0].state)
         self.guard = Guard(spec.run.max_update_ratio, spec.run.max_update_outlier)
+        self.outer = None if outer_config(spec).is_avg else OuterOptimizer(outer_config(spec))  # lte.outer
         self.partitions = PartitionMap()
         self.run_id, self.round, self.wall, self.checkpointed = uuid.uuid4().hex[:16], 0, 0.0, 0
         self.trust_local: set[int] = set()  # after a resume: heads whose node may hold their state
@@ -80,7 +82,7 @@ class LTEStrategy(RoundLoop):
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
         self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout, scale=self.cfg.scale,
-                                 variant=self.cfg.variant, guard=self.guard)
+                                 variant=self.cfg.variant, guard=self.guard, outer=self.outer)
         msgs = []
         for head, node in self.partitions.assign(self.cfg.heads, set(grid.get_node_ids())).items():
             rec, content = self.ledger[head], {P.BASE: base, P.REPLICAS: replicas}
@@ -157,6 +159,8 @@ class LTEStrategy(RoundLoop):
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
         tensors = prefixed("W", self.W) | prefixed("replica", self.replicas) | self.ledger.tensors()
+        if self.outer is not None:
+            tensors |= prefixed("outer", self.outer.tensors())
         trusted = [h for h in range(self.cfg.heads) if self.ledger[h].holder is not None]
         self.dir.save_checkpoint(tensors, {"method": "lte", "spec": self.spec.to_dict(), "round": self.round,
                                            "wall_s": self.wall, "run_id": self.run_id, "heads": self.ledger.flags(),
@@ -171,6 +175,8 @@ class LTEStrategy(RoundLoop):
         if self.W.keys() != set(self.plan.lora) or self.replicas.keys() != set(self.plan.replicas):
             raise SpecError(f"run.resume: the checkpoint in {src.path} holds another model's tensors")
         self.ledger.load(tensors, meta["heads"])
+        if self.outer is not None:
+            self.outer.load(unprefixed("outer", tensors))
         self.round = self.checkpointed = int(meta["round"])
         self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
         self.trust_local = set(int(h) for h in meta["trust_local"])
