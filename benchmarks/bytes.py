@@ -55,8 +55,19 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
     reply = Message(RecordDict({P.HEAD: ArrayRecord(P.wire(head.head_state())), P.METRICS: MetricRecord(metrics)}),
                     reply_to=msgs[0])
     payload_up = sum(t.numel() * t.element_size() for t in head.head_state().values())
+    # comm.up=fp16/int8: the reply is the round's change (here: from the fresh head), encoded as a
+    # worker encodes it (lte_fed/uplink.py ef_step)
+    from lte_fed import uplink
+
+    fresh = HeadLTE(plain, lte_config(spec), 0).head_state()
+    up_c = {}
+    for fmt in ("fp16", "int8"):
+        wire, _ = uplink.ef_step(head.head_state(), fresh, {}, fmt)
+        up_c[fmt] = message_bytes(Message(RecordDict({P.HEAD: ArrayRecord(P.wire(wire)),
+                                                      P.METRICS: MetricRecord(metrics)}), reply_to=msgs[0]))
     base = st.quantized_base()
-    return {"down": message_bytes(msgs[0]), "up": message_bytes(reply), "configure_s": t_cfg.s,
+    return {"down": message_bytes(msgs[0]), "up": message_bytes(reply), "up_fp16": up_c["fp16"],
+            "up_int8": up_c["int8"], "configure_s": t_cfg.s,
             "payload_up": payload_up, "payload_base": sum(t.numel() * t.element_size() for t in base.values()),
             "m_lte_params": sum(t.numel() for t in head.head_state().values()),
             "base_params": sum(w.numel() for w in st.W.values())}

@@ -77,14 +77,18 @@ def bytes_md(d: dict) -> list[str]:
          "Down = the TRAIN message `LTEStrategy.configure_train` builds for one client (q(W) + replicas + config); "
          "up = the reply a client builds (its head's A, B + replicas + metrics); FedAvg: the plain model's "
          "arrays each way. Bytes are `message_bytes` (every nested object as serialized for transport).", "",
-         "| model | rank | LTE nf4 down | LTE int8 down | LTE none down | LTE up | FedAvg down | FedAvg up | LTE nf4 (down+up) / FedAvg |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         "LTE up is per `comm.up` (fp16 / int8: the round's change, lte_fed/uplink.py).", "",
+         "| model | rank | LTE nf4 down | LTE int8 down | LTE none down | LTE up fp32 / fp16 / int8 | FedAvg down | FedAvg up "
+         "| LTE nf4 down + fp32 up / FedAvg | nf4 down + int8 up / FedAvg |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
     for key, q in d["lte"].items():
         fa = d["fedavg"][key]
         ratio = (q["nf4"]["down"] + q["nf4"]["up"]) / (fa["down"] + fa["up"])
+        ratio8 = (q["nf4"]["down"] + q["nf4"]["up_int8"]) / (fa["down"] + fa["up"])
         n = d["notes"][key]
         L.append(f"| {key} ({n['model']}, {n['img_size']} px) | {n['rank']} | {_b(q['nf4']['down'])} | {_b(q['int8']['down'])} | "
-                 f"{_b(q['none']['down'])} | {_b(q['nf4']['up'])} | {_b(fa['down'])} | {_b(fa['up'])} | {ratio:.2f} |")
+                 f"{_b(q['none']['down'])} | {_b(q['nf4']['up'])} / {_b(q['nf4']['up_fp16'])} / {_b(q['nf4']['up_int8'])} | "
+                 f"{_b(fa['down'])} | {_b(fa['up'])} | {ratio:.3f} | {ratio8:.3f} |")
     L += ["", "Per step over all devices, paper §4.5 (M = fp32 model, M_lte = one head's trainable tensors, "
           "qM = NF4 base; LTE communicates every T steps). The paper writes LTE's all-reduce with M; only the "
           "heads travel, so `lte all-reduce` uses M_lte (the M form is in the JSON):", "",

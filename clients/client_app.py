@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from lte_fed import protocol as P
+from lte_fed import uplink
 from lte_fed.job import batch_source, lte_config, setup
 from lte_fed.lte import HeadLTE
 from lte_fed.rundir import CLIENT_STATE
@@ -93,27 +94,37 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     model = _head_model(spec_json, head)
     opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
     store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
-    _load_head(model, opt, store, msg, config)
+    resid = _load_head(model, opt, store, msg, config)
     model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
     model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+    start = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                         precision=spec.run.precision)
-    store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)))
+    reply, resid = _uplink_payload(spec.comm.up, model.head_state(), start, resid)
+    store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)), resid=resid)
 
-    reply = _inject_fault(spec, head, rnd, model.head_state())
+    reply = _inject_fault(spec, head, rnd, reply)
     metrics = {"head": head, "partition": int(context.node_config.get("partition-id", -1)),
                "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch}
     return Message(RecordDict({P.HEAD: ArrayRecord(P.wire(reply)), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", msg: Message, config) -> None:
-    """The head's state as the server's "source" says (strategies/lte_strategy.py)."""
+def _uplink_payload(fmt: str, end: dict, start: dict, resid: dict) -> tuple[dict, dict]:
+    """What to send for comm.up=`fmt` and the residual to keep (lte_fed/uplink.py)."""
+    if fmt == "fp32":
+        return end, {}
+    return uplink.ef_step(end, start, resid, fmt)
+
+
+def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", msg: Message, config) -> dict:
+    """The head's state as the server's "source" says (strategies/lte_strategy.py); returns the
+    uplink's error-feedback residual saved with it ({} when the head starts anew)."""
     source = str(_need(config, "source", "train config"))
     if source == "fresh":  # never trained: its init, drawn from (seed, head)
         model.load_head_state(model.init_state)
-        return
+        return {}
     if source in ("local", "local-or-restore"):
         saved = store.load(int(_need(config, "state_round", "train config")))
         if saved is not None:
@@ -121,10 +132,10 @@ def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", 
             load_optimizer_tensors(opt, unprefixed("opt", saved))
             if bool(_need(config, "committed", "train config")):
                 model.commit_merge()  # our last update is in W now: V <- B A (exact) or B <- 0
-            return
+            return unprefixed("resid", saved)
     if source in ("restore", "local-or-restore") and P.RESTORE in msg.content:
         model.load_head_state(msg.content[P.RESTORE].to_torch_state_dict())  # as of its last merge; AdamW anew
-        return
+        return {}
     raise ClientConfigError(f"{store.name}: no saved state for round {config.get('state_round')} on this node "
                             f"and no {P.RESTORE!r} record (source {source!r})")
 
@@ -137,7 +148,7 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
     if (int(h), int(r)) != (head, rnd):
         return reply
     log.warning("injecting fault %r for head %d in round %d", kind, head, rnd)
-    key = next(k for k in reply if k.endswith("lora_B"))
+    key = next(k for k in reply if "lora_B" in k and reply[k].is_floating_point())  # int8 uplink: its scale
     if kind == "raise":
         raise RuntimeError(f"injected fault: head {head} fails in round {rnd}")
     if kind == "nan":
@@ -168,11 +179,14 @@ class StateFiles:
     def _file(self, rnd: int) -> Path:
         return self.dir / f"{self.name}-r{rnd}.safetensors"
 
-    def save(self, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, rnd: int, keep_from: int) -> None:
+    def save(self, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, rnd: int, keep_from: int,
+             resid: dict[str, torch.Tensor] | None = None) -> None:
+        """`resid`: the compressed uplink's error-feedback residual, kept with the head."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        flat = {k: t.contiguous() for k, t in (prefixed("head", tensors) | prefixed("opt", optimizer_tensors(opt))).items()}
+        flat = prefixed("head", tensors) | prefixed("opt", optimizer_tensors(opt)) | prefixed("resid", P.wire(resid or {}))
+        flat = {k: t.contiguous() for k, t in flat.items()}
         tmp = self._file(rnd).with_suffix(".tmp")
         save_file(flat, str(tmp), metadata={"round": str(rnd)})
         tmp.replace(self._file(rnd))

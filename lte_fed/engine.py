@@ -23,6 +23,8 @@ from torch import nn
 from .job import LORA_METHODS, Job, batch_source, describe, lte_config, progress, setup  # noqa: F401 (re-exported)
 from .lte import StackedLTE, accounting
 from .outer import OuterOptimizer, outer_config
+from .uplink import FusedUplink
+from .uplink import payload_bytes as uplink_bytes
 from .rundir import RunDir, open_resume
 from .spec import Spec, SpecError
 from .train import (autocast, clip_per_head, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
@@ -75,6 +77,10 @@ class FusedRun:
         # as of the last merge, which it measures their update from.
         self.outer = None if s.method == "full" or outer_config(s).is_avg else OuterOptimizer(outer_config(s))
         self.anchors = self.model.replica_anchors() if self.outer is not None else {}
+        # comm.up=fp16/int8: every merge goes through what the server would receive (lte_fed/uplink.py)
+        self.uplink = FusedUplink(self.model, s.comm.up) if s.method == "lte" and s.comm.up != "fp32" else None
+        if self.uplink is not None:
+            self.bytes_up = uplink_bytes(self.uplink.layout, s.comm.up)
         self.eval_model = copy.deepcopy(self.job.plain).to(dev)
         self.step, self.round, self.wall = 0, 0, 0.0
 
@@ -120,7 +126,10 @@ class FusedRun:
         if s.train.log_alignment and s.method in LORA_METHODS and s.heads > 1:
             row |= self.alignment()
         if s.method in ("lte", "lora_merge"):
-            self.model.merge(self.outer, self.anchors)
+            if self.uplink is not None:
+                self.uplink.merge(self.model, self.outer, self.anchors)
+            else:
+                self.model.merge(self.outer, self.anchors)
         self.round += 1
         self.wall += time.perf_counter() - started
         self.eval_model.load_state_dict(self.plain_state())
@@ -149,6 +158,8 @@ class FusedRun:
         tensors = prefixed("model", self.model.state_dict()) | prefixed("opt", optimizer_tensors(self.opt))
         if self.outer is not None:
             tensors |= prefixed("outer", self.outer.tensors()) | prefixed("anchor", self.anchors)
+        if self.uplink is not None:
+            tensors |= prefixed("uplink", self.uplink.tensors())
         self.dir.save_checkpoint(tensors, {"spec": self.spec.to_dict(), "step": self.step, "round": self.round,
                                            "wall_s": self.wall})
 
@@ -160,6 +171,8 @@ class FusedRun:
         if self.outer is not None:
             self.outer.load(unprefixed("outer", tensors))
             self.anchors = unprefixed("anchor", tensors)
+        if self.uplink is not None:
+            self.uplink.load(unprefixed("uplink", tensors))
         self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
         self.dir.adopt_history(src, self.round)
 

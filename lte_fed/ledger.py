@@ -29,6 +29,7 @@ import torch
 from . import protocol as P
 from .lora import commit_factors, merge_update
 from .outer import OuterOptimizer
+from .uplink import reconstruct, wire_layout
 
 log = logging.getLogger("lte_fed.server")
 
@@ -135,8 +136,9 @@ class RoundMerge:
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
                  layout: dict, *, scale: float, variant: str, guard: Guard = Guard(),
-                 outer: OuterOptimizer | None = None):
+                 outer: OuterOptimizer | None = None, uplink: str = "fp32"):
         self.rnd, self.ledger, self.W, self.replicas, self.outer = rnd, ledger, W, replicas, outer
+        self.uplink, self.wire_layout = uplink, wire_layout(layout, uplink)  # comm.up: what replies look like
         self.layout, self.scale, self.exact, self.guard = layout, scale, variant == "exact", guard
         self.sent: dict[int, int] = {}  # head -> node it was sent to this round
         self.got: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}  # head -> (node, state, loss)
@@ -151,10 +153,12 @@ class RoundMerge:
             return self._reject(None, head, "reply for a head not sent this round")
         if head in self.got or head in self.rejected:
             return self._reject(None, head, "a second answer for this head (the first one counts)")
-        verdict = P.screen_reply(content, self.layout, head, error)
+        verdict = P.screen_reply(content, self.wire_layout, head, error)
         if verdict.reason is not None:
             return self._reject(head, head, verdict.reason)
-        self.got[head] = (self.sent[head], verdict.state, verdict.train_loss)
+        # A compressed reply is the round's change: the head is the ledger's copy plus it.
+        state = reconstruct(self.ledger[head].state, verdict.state, self.uplink, self.layout)
+        self.got[head] = (self.sent[head], state, verdict.train_loss)
         return None
 
     def _reject(self, record_head: int | None, head: int, reason: str) -> str:

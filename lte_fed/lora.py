@@ -394,11 +394,14 @@ class StackedLoRALinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     @torch.no_grad()
-    def merge(self, step=None, average_bias: bool = True) -> None:
+    def merge(self, step=None, average_bias: bool = True, factors=None) -> None:
         """W <- W + Δ with Δ = (s/N) Σ (B_n A_n - V_n), or W + step(Δ) (an outer optimizer,
         lte_fed/outer.py); then V <- B A (exact) or B <- 0 (reset); biases averaged unless the
-        caller merges them (`average_bias=False`); q(W) refreshed."""
-        delta = merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.scale).to(self.weight)
+        caller merges them (`average_bias=False`); q(W) refreshed. `factors` = (B, A, V_B, V_A)
+        stacked like lora_B, lora_A (V: None for 0) computes Δ from what the server received
+        instead of the heads' own factors (a compressed uplink, lte_fed/uplink.py)."""
+        B, A, VB, VA = factors if factors is not None else (self.lora_B, self.lora_A, self.corr_B, self.corr_A)
+        delta = merge_update(B, A, VB, VA, self.scale).to(self.weight)
         self.weight += delta if step is None else step(delta)
         commit_factors(self.lora_A, self.lora_B, self.corr_A, self.corr_B, self.variant)
         if self.bias is not None and average_bias:

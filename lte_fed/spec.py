@@ -74,6 +74,13 @@ class QuantSpec:
 
 
 @dataclass
+class CommSpec:
+    # What workers send back (lte_fed/uplink.py): fp32 (the head's state as it is), fp16 or int8
+    # (the round's change, per-block int8 scales, with error feedback kept on the worker).
+    up: str = "fp32"
+
+
+@dataclass
 class ModelSpec:
     name: str = "vit_digits"
     img_size: int | None = None  # None: the data's native size
@@ -139,6 +146,7 @@ class Spec:
     method: str = "lte"
     lte: LTESpec = field(default_factory=LTESpec)
     quant: QuantSpec = field(default_factory=QuantSpec)
+    comm: CommSpec = field(default_factory=CommSpec)
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     train: TrainSpec = field(default_factory=TrainSpec)
@@ -265,6 +273,7 @@ def validate(s: Spec) -> Spec:
     from .text import PARTITIONS, TOKENIZERS
     from .outer import OUTERS
     from .quant import QUANT_FORMATS
+    from .uplink import UPLINKS
 
     _check_types(s)
     _need(s.method in METHODS, "method", f"{s.method!r} is not one of {', '.join(METHODS)}")
@@ -279,6 +288,7 @@ def validate(s: Spec) -> Spec:
     _need(0 <= s.lte.outer_momentum < 1, "lte.outer_momentum", f"must be in [0, 1), got {s.lte.outer_momentum!r}")
     _need(0 <= s.lte.outer_beta2 < 1, "lte.outer_beta2", f"must be in [0, 1), got {s.lte.outer_beta2!r}")
     _need(s.lte.outer_eps > 0, "lte.outer_eps", f"must be > 0, got {s.lte.outer_eps!r}")
+    _need(s.comm.up in UPLINKS, "comm.up", f"{s.comm.up!r} is not one of {', '.join(UPLINKS)}")
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
     _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")

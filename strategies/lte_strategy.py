@@ -82,7 +82,8 @@ class LTEStrategy(RoundLoop):
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
         self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout, scale=self.cfg.scale,
-                                 variant=self.cfg.variant, guard=self.guard, outer=self.outer)
+                                 variant=self.cfg.variant, guard=self.guard, outer=self.outer,
+                                 uplink=s.comm.up)
         msgs = []
         for head, node in self.partitions.assign(self.cfg.heads, set(grid.get_node_ids())).items():
             rec, content = self.ledger[head], {P.BASE: base, P.REPLICAS: replicas}
@@ -110,9 +111,14 @@ class LTEStrategy(RoundLoop):
         rec = self.ledger[head]
         if rec.fresh:
             return "fresh"
-        if rec.holder == node:
+        if rec.holder == node and (rec.committed or self.spec.comm.up == "fp32"):
             return "local"
-        return "local-or-restore" if head in self.trust_local else "restore"
+        if rec.holder == node and not rec.committed:
+            # A compressed reply is decoded against the ledger's copy as of the head's last merge;
+            # a reply kept but not merged left the worker elsewhere: restart it from that copy.
+            return "restore"
+        trusted = head in self.trust_local and (rec.committed or self.spec.comm.up == "fp32")  # as above
+        return "local-or-restore" if trusted else "restore"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
         self.bytes_up = 0

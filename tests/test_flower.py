@@ -36,6 +36,22 @@ def test_flower_and_fused_end_with_the_same_weights(tmp_path, monkeypatch, base,
     assert summary["totals"]["sync_steps"] == steps // 3
 
 
+# The outer optimizer and the compressed uplink (with its error feedback on the workers) give the
+# same weights on both engines; the uplink's bytes are the real replies' and shrink as they should.
+@pytest.mark.parametrize("outer, up", [("nesterov", "int8"), ("adam", "fp16")])
+def test_engines_agree_with_an_outer_optimizer_and_a_compressed_uplink(tmp_path, outer, up):
+    groups = {"train": {"steps": 9}, "comm": {"up": up},
+              "lte": {"outer": outer, "outer_lr": 0.7 if outer == "nesterov" else 1e-3}}
+    run_flower(quick_spec("lte", "flower", **groups), tmp_path / "flower")
+    run_fused(quick_spec("lte", "fused", **groups), tmp_path / "fused")
+    diff = max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused"))
+    assert diff < 1e-4, diff
+    rows = RunDir(tmp_path / "flower").read_metrics()
+    assert [r["merged_heads"] for r in rows] == [2, 2, 2]
+    fused_up = RunDir(tmp_path / "fused").read_metrics()[0]["bytes_up"]  # tensor bytes only
+    assert fused_up < rows[0]["bytes_up"] < fused_up * 1.5  # Flower's framing on top of the same arrays
+
+
 @pytest.mark.parametrize("fault, reason", [("nan:1:2", "non-finite"), ("shape:0:1", "has shape"),
                                            ("raise:2:1", "failed")])
 def test_a_bad_client_is_rejected_and_the_others_merge(tmp_path, fault, reason):

@@ -1,0 +1,195 @@
+"""The compressed uplink (`comm.up`): what a worker sends back, and the error feedback that keeps
+compression from losing anything for good.
+
+    fp32  the head's state as it is (A, B, replicas; today's message, no error feedback)
+    fp16  the round's change of that state, in float16
+    int8  the round's change, in int8 with one float32 scale per block of BLOCK consecutive
+          entries of the flattened tensor (symmetric absmax, round to nearest): 1 + 4/BLOCK
+          bytes per entry, and B (m, r) with a small rank costs no more scales than A (r, n)
+          (per-row scales would cost 4 bytes per r entries of B)
+
+Error feedback (fp16, int8), per head and tensor, with e the residual kept by the worker:
+    payload p = (x_end − x_start) + e;   send c = encode(p);   e ← p − decode(c)
+so over k rounds Σ decode(c_t) = Σ (x_end − x_start)_t + e_0 − e_k: nothing is lost but the last
+residual. The server rebuilds the head as ref + decode(c), ref being its own copy of the head
+(the ledger's, as of the last merge): ref = x_start − e holds after every merge for A and B, and
+for the replicas ref is the merged value the worker started from, so the unsent part of a
+replica's change is carried into the next round's mean. A worker that takes a head over from the
+server's copy (or draws it fresh) starts with e = 0. The residual is saved with the head state.
+
+Wire names: fp16 keeps the state's names; int8 sends "<name>.q" (int8, numel) and
+"<name>.scale" (float32, ceil(numel / BLOCK)). `wire_layout` is what the reply gate checks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+UPLINKS = ("fp32", "fp16", "int8")
+BLOCK = 128
+
+
+def check_uplink(fmt: str) -> str:
+    if fmt not in UPLINKS:
+        raise ValueError(f"comm.up={fmt!r} is not one of {', '.join(UPLINKS)}")
+    return fmt
+
+
+def wire_layout(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], fmt: str
+                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The names, shapes and dtypes a reply in `fmt` must have, from the head state's layout."""
+    if check_uplink(fmt) == "fp32":
+        return dict(layout)
+    if fmt == "fp16":
+        return {k: (shape, torch.float16) for k, (shape, _) in layout.items()}
+    out = {}
+    for k, (shape, _) in layout.items():
+        n = math.prod(shape)
+        out[f"{k}.q"], out[f"{k}.scale"] = ((n,), torch.int8), ((-(-n // BLOCK),), torch.float32)
+    return out
+
+
+def encode_tensor(t: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """One float tensor in `fmt`: {"": fp16} or {".q": int8 (numel,), ".scale": f32 (blocks,)}."""
+    t = t.detach().float()
+    if fmt == "fp16":
+        return {"": t.half()}
+    flat = t.reshape(-1)
+    n = flat.numel()
+    blocks = torch.cat([flat, flat.new_zeros((-n) % BLOCK)]).view(-1, BLOCK)
+    scale = blocks.abs().amax(1) / 127.0
+    q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+                    torch.zeros_like(blocks))
+    q = q.round().clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
+    return {".q": q.contiguous(), ".scale": scale.contiguous()}
+
+
+def decode_tensor(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of `encode_tensor`: float32 of `shape`."""
+    if fmt == "fp16":
+        return parts[""].float().reshape(shape)
+    q, scale = parts[".q"], parts[".scale"]
+    n = q.numel()
+    return (q.float() * scale.repeat_interleave(BLOCK)[:n]).reshape(shape)
+
+
+def encode(payload: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """A payload {name: float tensor} as the wire dict of `fmt` (fp32: as it is)."""
+    if check_uplink(fmt) == "fp32":
+        return dict(payload)
+    return {k + suffix: t for k, p in payload.items() for suffix, t in encode_tensor(p, fmt).items()}
+
+
+def decode(wire: dict[str, torch.Tensor], fmt: str, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
+           ) -> dict[str, torch.Tensor]:
+    """The float32 payload a wire dict (already checked against `wire_layout`) stands for."""
+    if check_uplink(fmt) == "fp32":
+        return {k: wire[k].float() for k in layout}
+    suffixes = ("",) if fmt == "fp16" else (".q", ".scale")
+    return {k: decode_tensor({s: wire[k + s] for s in suffixes}, fmt, shape) for k, (shape, _) in layout.items()}
+
+
+def ef_step(end: dict[str, torch.Tensor], start: dict[str, torch.Tensor], resid: dict[str, torch.Tensor] | None,
+            fmt: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One round of error feedback for fp16/int8: (wire dict, new residual).
+
+    end, start: the head's state after and before the round's training (names as
+    `HeadLTE.head_state()`); resid: the residual so far ({} or None: zero)."""
+    resid = resid or {}
+    wire, new_resid = {}, {}
+    for k, x in end.items():
+        p = x.detach().float() - start[k].detach().float()
+        if k in resid:
+            p = p + resid[k].to(p)
+        parts = encode_tensor(p, fmt)
+        new_resid[k] = p - decode_tensor(parts, fmt, tuple(p.shape))
+        wire.update({k + s: t for s, t in parts.items()})
+    return wire, new_resid
+
+
+def reconstruct(ref: dict[str, torch.Tensor], wire: dict[str, torch.Tensor], fmt: str,
+                layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+    """The head state the server takes from a reply: the reply itself (fp32), else its copy of the
+    head `ref` plus the decoded change."""
+    if fmt == "fp32":
+        return {k: wire[k] for k in layout}
+    change = decode(wire, fmt, layout)
+    return {k: ref[k].float() + change[k] for k in layout}
+
+
+def payload_bytes(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], fmt: str) -> int:
+    """Tensor bytes of one reply in `fmt` (the arrays only, without Flower's framing)."""
+    return sum(math.prod(shape) * torch.empty(0, dtype=dt).element_size()
+               for shape, dt in wire_layout(layout, fmt).values())
+
+
+class FusedUplink:
+    """The fused engine's stand-in for the wire under fp16/int8: per head, the worker's error
+    feedback (`ef_step`) and the server's copy of the head (what the Flower ledger holds), so
+    that a merge uses what a server would have received, exactly as on Flower.
+
+    start[n]: head n's state when the round began; resid[n]: its residual; server[n]: the
+    server's copy (A, B, V factors, replicas) as of the last merge.
+    """
+
+    def __init__(self, model, fmt: str):
+        from .protocol import expected_head_layout
+
+        self.fmt, self.heads, self.variant = check_uplink(fmt), model.cfg.heads, model.cfg.variant
+        self.layout = expected_head_layout(model.head_state(0))
+        self.start = [_clone(model.head_state(n)) for n in range(self.heads)]
+        self.resid: list[dict[str, torch.Tensor]] = [{} for _ in range(self.heads)]
+        self.server = [_clone(model.head_state(n, with_corr=True)) for n in range(self.heads)]
+
+    @torch.no_grad()
+    def merge(self, model, outer=None, anchors: dict[str, torch.Tensor] | None = None) -> None:
+        """`StackedLTE.merge`, with the merge computed from the rebuilt replies."""
+        from .lora import commit_factors
+
+        got = []
+        for n in range(self.heads):
+            wire, self.resid[n] = ef_step(model.head_state(n), self.start[n], self.resid[n], self.fmt)
+            got.append(reconstruct(self.server[n], wire, self.fmt, self.layout))
+        stack = lambda key, src: torch.stack([s[key] for s in src])  # noqa: E731
+        exact = self.variant == "exact"
+        for name, layer in model.lora_layers().items():
+            factors = (stack(f"{name}.lora_B", got), stack(f"{name}.lora_A", got),
+                       stack(f"{name}.corr_B", self.server) if exact else None,
+                       stack(f"{name}.corr_A", self.server) if exact else None)
+            step = None if outer is None else (lambda d, name=name: outer.propose(name, d))
+            layer.merge(step, average_bias=False, factors=factors)
+        merged = {}
+        for name, p in model.replica_params().items():
+            mean = stack(name, got).mean(0)
+            merged[name] = mean if outer is None else outer.propose_mean(name, mean, anchors[name])
+            p.copy_(merged[name].reshape(p.shape[1:]).unsqueeze(0).expand_as(p))
+        if outer is not None:
+            outer.commit()
+            anchors.update({k: v.clone() for k, v in merged.items()})
+        for n in range(self.heads):  # the server's copies follow the post-merge rule (ledger._commit)
+            srv = self.server[n]
+            for name in model.lora_layers():
+                A, B = got[n][f"{name}.lora_A"].clone(), got[n][f"{name}.lora_B"].clone()
+                commit_factors(A, B, srv.get(f"{name}.corr_A"), srv.get(f"{name}.corr_B"), self.variant)
+                srv[f"{name}.lora_A"], srv[f"{name}.lora_B"] = A, B
+            srv.update({k: v.clone() for k, v in merged.items()})
+        self.start = [_clone(model.head_state(n)) for n in range(self.heads)]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n in range(self.heads):
+            for part, d in (("start", self.start[n]), ("resid", self.resid[n]), ("server", self.server[n])):
+                out.update({f"{n}.{part}.{k}": t for k, t in d.items()})
+        return out
+
+    def load(self, tensors: dict[str, torch.Tensor]) -> None:
+        for n in range(self.heads):
+            for part in ("start", "resid", "server"):
+                head = f"{n}.{part}."
+                getattr(self, part)[n] = {k[len(head):]: t for k, t in tensors.items() if k.startswith(head)}
+
+
+def _clone(d: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: t.detach().float().clone() for k, t in d.items()}
