@@ -97,12 +97,12 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     resid = _load_head(model, opt, store, msg, config)
     model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
     model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
-    start = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
+    began = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                         precision=spec.run.precision)
-    reply, resid = _uplink_payload(spec.comm.up, model.head_state(), start, resid)
+    reply, resid = _uplink_payload(spec.comm.up, model.head_state(), began, resid)
     store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)), resid=resid)
 
     reply = _inject_fault(spec, head, rnd, reply)
