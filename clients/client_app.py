@@ -148,7 +148,7 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
     if (int(h), int(r)) != (head, rnd):
         return reply
     log.warning("injecting fault %r for head %d in round %d", kind, head, rnd)
-    key = next(k for k in reply if "lora_B" in k and reply[k].is_floating_point())  # int8 uplink: its scale
+    key = next(k for k in reply if k.endswith(("lora_B", "delta", "scale")))  # fp16 / int8 uplinks: one packed array
     if kind == "raise":
         raise RuntimeError(f"injected fault: head {head} fails in round {rnd}")
     if kind == "nan":

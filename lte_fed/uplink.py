@@ -17,8 +17,9 @@ for the replicas ref is the merged value the worker started from, so the unsent 
 replica's change is carried into the next round's mean. A worker that takes a head over from the
 server's copy (or draws it fresh) starts with e = 0. The residual is saved with the head state.
 
-Wire names: fp16 keeps the state's names; int8 sends "<name>.q" (int8, numel) and
-"<name>.scale" (float32, ceil(numel / BLOCK)). `wire_layout` is what the reply gate checks.
+Wire: every tensor's change, flattened and packed in name order into one array ("delta", fp16)
+or two ("q", int8; "scale", float32, one per block of each tensor). `wire_layout` is what the
+reply gate checks.
 """
 
 from __future__ import annotations
@@ -37,49 +38,77 @@ def check_uplink(fmt: str) -> str:
     return fmt
 
 
+def _order(layout) -> list[str]:
+    """The order tensors are packed in: by name, so every side agrees whatever its dict order."""
+    return sorted(layout)
+
+
+def _blocks(n: int) -> int:
+    return -(-n // BLOCK)
+
+
 def wire_layout(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], fmt: str
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The names, shapes and dtypes a reply in `fmt` must have, from the head state's layout."""
+    """The names, shapes and dtypes a reply in `fmt` must have, from the head state's layout:
+    fp32 the layout itself; fp16 {"delta": (total,) f16}; int8 {"q": (total,) int8, "scale":
+    (blocks,) f32}, every tensor's change packed in name order (one array, not one per tensor:
+    Flower frames each array, which for a small model costs more than int8 saves)."""
     if check_uplink(fmt) == "fp32":
         return dict(layout)
+    total = sum(math.prod(shape) for shape, _ in layout.values())
     if fmt == "fp16":
-        return {k: (shape, torch.float16) for k, (shape, _) in layout.items()}
-    out = {}
-    for k, (shape, _) in layout.items():
-        n = math.prod(shape)
-        out[f"{k}.q"], out[f"{k}.scale"] = ((n,), torch.int8), ((-(-n // BLOCK),), torch.float32)
-    return out
+        return {"delta": ((total,), torch.float16)}
+    return {"q": ((total,), torch.int8), "scale": ((sum(_blocks(math.prod(s)) for s, _ in layout.values()),), torch.float32)}
 
 
 def encode_tensor(t: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """One float tensor in `fmt`: {"": fp16} or {".q": int8 (numel,), ".scale": f32 (blocks,)}."""
-    t = t.detach().float()
+    """One float tensor in `fmt`, flattened: {"delta": f16} or {"q": int8 (numel,), "scale":
+    f32 (blocks,)} (symmetric absmax per block of BLOCK entries, round to nearest)."""
+    flat = t.detach().float().reshape(-1)
     if fmt == "fp16":
-        return {"": t.half()}
-    flat = t.reshape(-1)
+        return {"delta": flat.half()}
     n = flat.numel()
     blocks = torch.cat([flat, flat.new_zeros((-n) % BLOCK)]).view(-1, BLOCK)
     scale = blocks.abs().amax(1) / 127.0
     q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
                     torch.zeros_like(blocks))
     q = q.round().clamp_(-127, 127).to(torch.int8).reshape(-1)[:n]
-    return {".q": q.contiguous(), ".scale": scale.contiguous()}
+    return {"q": q, "scale": scale}
 
 
 def decode_tensor(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `encode_tensor`: float32 of `shape`."""
     if fmt == "fp16":
-        return parts[""].float().reshape(shape)
-    q, scale = parts[".q"], parts[".scale"]
-    n = q.numel()
-    return (q.float() * scale.repeat_interleave(BLOCK)[:n]).reshape(shape)
+        return parts["delta"].float().reshape(shape)
+    q, scale = parts["q"], parts["scale"]
+    return (q.float() * scale.repeat_interleave(BLOCK)[:q.numel()]).reshape(shape)
+
+
+def _pack(parts: dict[str, dict[str, torch.Tensor]], layout) -> dict[str, torch.Tensor]:
+    keys = next(iter(parts.values())).keys()
+    return {k: torch.cat([parts[name][k] for name in _order(layout)]).contiguous() for k in keys}
+
+
+def _unpack(wire: dict[str, torch.Tensor], fmt: str, layout) -> dict[str, dict[str, torch.Tensor]]:
+    out, at, at_s = {}, 0, 0
+    for name in _order(layout):
+        n = math.prod(layout[name][0])
+        if fmt == "fp16":
+            out[name] = {"delta": wire["delta"][at:at + n]}
+        else:
+            b = _blocks(n)
+            out[name] = {"q": wire["q"][at:at + n], "scale": wire["scale"][at_s:at_s + b]}
+            at_s += b
+        at += n
+    return out
 
 
 def encode(payload: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     """A payload {name: float tensor} as the wire dict of `fmt` (fp32: as it is)."""
     if check_uplink(fmt) == "fp32":
         return dict(payload)
-    return {k + suffix: t for k, p in payload.items() for suffix, t in encode_tensor(p, fmt).items()}
+    layout = {k: (tuple(t.shape), t.dtype) for k, t in payload.items()}
+    return _pack({k: encode_tensor(t, fmt) for k, t in payload.items()}, layout)
 
 
 def decode(wire: dict[str, torch.Tensor], fmt: str, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
@@ -87,8 +116,7 @@ def decode(wire: dict[str, torch.Tensor], fmt: str, layout: dict[str, tuple[tupl
     """The float32 payload a wire dict (already checked against `wire_layout`) stands for."""
     if check_uplink(fmt) == "fp32":
         return {k: wire[k].float() for k in layout}
-    suffixes = ("",) if fmt == "fp16" else (".q", ".scale")
-    return {k: decode_tensor({s: wire[k + s] for s in suffixes}, fmt, shape) for k, (shape, _) in layout.items()}
+    return {k: decode_tensor(parts, fmt, layout[k][0]) for k, parts in _unpack(wire, fmt, layout).items()}
 
 
 def ef_step(end: dict[str, torch.Tensor], start: dict[str, torch.Tensor], resid: dict[str, torch.Tensor] | None,
@@ -98,15 +126,15 @@ def ef_step(end: dict[str, torch.Tensor], start: dict[str, torch.Tensor], resid:
     end, start: the head's state after and before the round's training (names as
     `HeadLTE.head_state()`); resid: the residual so far ({} or None: zero)."""
     resid = resid or {}
-    wire, new_resid = {}, {}
+    parts, new_resid = {}, {}
     for k, x in end.items():
         p = x.detach().float() - start[k].detach().float()
         if k in resid:
             p = p + resid[k].to(p)
-        parts = encode_tensor(p, fmt)
-        new_resid[k] = p - decode_tensor(parts, fmt, tuple(p.shape))
-        wire.update({k + s: t for s, t in parts.items()})
-    return wire, new_resid
+        parts[k] = encode_tensor(p, fmt)
+        new_resid[k] = p - decode_tensor(parts[k], fmt, tuple(p.shape))
+    layout = {k: (tuple(t.shape), t.dtype) for k, t in end.items()}
+    return _pack(parts, layout), new_resid
 
 
 def reconstruct(ref: dict[str, torch.Tensor], wire: dict[str, torch.Tensor], fmt: str,

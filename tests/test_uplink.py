@@ -55,11 +55,11 @@ def test_error_feedback_sends_the_sum_of_the_changes_up_to_the_last_residual(fmt
 def test_int8_error_is_at_most_half_a_step_per_block():
     x = torch.randn(1000, generator=torch.Generator().manual_seed(3)) * torch.logspace(-4, 1, 1000)
     parts = U.encode_tensor(x, "int8")
-    assert parts[".q"].dtype == torch.int8 and parts[".scale"].shape == (-(-1000 // U.BLOCK),)
+    assert parts["q"].dtype == torch.int8 and parts["scale"].shape == (-(-1000 // U.BLOCK),)
     err = (U.decode_tensor(parts, "int8", (1000,)) - x).abs()
-    step = parts[".scale"].repeat_interleave(U.BLOCK)[:1000]
+    step = parts["scale"].repeat_interleave(U.BLOCK)[:1000]
     assert (err <= step / 2 + 1e-12).all()
-    assert U.payload_bytes({"x": ((1000,), torch.float32)}, "int8") == 1000 + 4 * 8
+    assert U.payload_bytes({"x": ((1000,), torch.float32), "y": ((5,), torch.float32)}, "int8") == 1005 + 4 * 9
 
 
 def _reply(wire: dict[str, torch.Tensor], head: int = 0) -> RecordDict:
@@ -67,13 +67,13 @@ def _reply(wire: dict[str, torch.Tensor], head: int = 0) -> RecordDict:
 
 
 @pytest.mark.parametrize("fmt, tamper, reason", [
-    ("int8", lambda w: w.pop("l.lora_A.scale"), "missing"),
-    ("int8", lambda w: w.update({"l.lora_A.q": w["l.lora_A.q"].to(torch.int16)}), "dtype"),
-    ("int8", lambda w: w.update({"l.lora_B.scale": w["l.lora_B.scale"][:-1]}), "shape"),
-    ("int8", lambda w: w.update({"norm.weight.scale": torch.full_like(w["norm.weight.scale"], float("nan"))}),
-     "non-finite"),
+    ("int8", lambda w: w.pop("scale"), "missing"),
+    ("int8", lambda w: w.update({"q": w["q"].to(torch.int16)}), "dtype"),
+    ("int8", lambda w: w.update({"scale": w["scale"][:-1]}), "shape"),
+    ("int8", lambda w: w.update({"scale": torch.full_like(w["scale"], float("nan"))}), "non-finite"),
     ("int8", lambda w: w.update({"l.lora_A": torch.zeros(4, 300)}), "unexpected"),
-    ("fp16", lambda w: w.update({"l.lora_B": w["l.lora_B"].float()}), "dtype"),
+    ("fp16", lambda w: w.update({"delta": w["delta"].float()}), "dtype"),
+    ("fp16", lambda w: w.update({"delta": w["delta"][1:]}), "shape"),
 ])
 def test_a_malformed_compressed_reply_is_refused_with_its_reason(fmt, tamper, reason):
     states = _states(1)
