@@ -1,6 +1,7 @@
 """The digits table of issue 14: {avg, nesterov} x {fp32, fp16, int8 uplink} x {none, nf4 base}.
 
-Reads run directories named t_<outer>_<up>_<base>_s<seed> (and full_s<seed>) under RUNS, writes
+Reads run directories named t_<avg|nes>_<up>_<base>_s<seed> (nes: lte.outer=nesterov with the
+lr / momentum in the results README) and full_s<seed> under RUNS, writes
 results.md / results.csv / accuracy_bytes.png into OUT, and copies each run's metrics.jsonl and
 summary.json into OUT/runs/.
 
@@ -68,7 +69,7 @@ def main(runs: Path, out: Path) -> None:
         w = csv.DictWriter(f, fieldnames=list(table[0]))
         w.writeheader()
         w.writerows(table)
-    lines = [f"full training (2 seeds) ends at {full_final:.2f}; `avg` + fp32 + none at {avg_final:.2f} "
+    lines = [f"full training ({len(full)} seed(s)) ends at {full_final:.2f}; `avg` + fp32 + none at {avg_final:.2f} "
              "(the threshold of `merges to avg's final`).", "",
              "| outer | comm.up | quant.base | final acc (mean) | per seed | best (mean) | merges to avg's final | "
              "merges to 95% | merges | samples | up / round / client | down / round / client |",
@@ -90,7 +91,7 @@ def plot(got, full, table, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"avg": "-", "nesterov": "--"}
+    styles = {"avg": "-", "nes": "--"}
     colors = {"none": "tab:blue", "nf4": "tab:red"}
     for (outer, up, base), seeds in sorted(got.items()):
         if up != "fp32":
