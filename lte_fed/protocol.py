@@ -12,7 +12,9 @@ Server -> worker, one TRAIN message per head per round:
                              contribution was merged: apply V <- B A or B <- 0 first),
                              "round", "spec" (the run spec as JSON)
 Worker -> server:
-    "head"      ArrayRecord  "<linear>.lora_A", "<linear>.lora_B", "<replica>"
+    "head"      ArrayRecord  "<linear>.lora_A", "<linear>.lora_B", "<replica>" (comm.up=fp32), or
+                             the round's change packed as "delta" (fp16) or "q" + "scale" (int8),
+                             decoded against the server's copy of the head (lte_fed/uplink.py)
     "metrics"   MetricRecord "head", "partition", "train_loss", "steps", "num-examples"
 """
 
