@@ -55,11 +55,27 @@ def floor_seconds(reps: int) -> list[float]:
     return out
 
 
-def floor_rss_mib() -> float:
-    code = ("import clients.client_app\n"
-            "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+def floor_rss_mib(cfg: dict | None = None) -> float:
+    """Peak RSS of a process that imports the ClientApp (and, given a job, the libraries its
+    worker loads: lte_fed.worker.job_imports) and builds nothing."""
+    code = "import clients.client_app\n"
+    if cfg is not None:
+        code += ("from lte_fed.spec import Spec\nfrom lte_fed.worker import job_imports\n"
+                 f"job_imports(Spec.from_dict({_nested(cfg)!r}))\n")
+    code += "print([int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
     res = subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, capture_output=True, text=True)
     return int(res.stdout.split()[-1]) / 1024
+
+
+def _nested(cfg: dict) -> dict:
+    out: dict = {}
+    for k, v in cfg.items():
+        if "." in k:
+            a, b = k.split(".", 1)
+            out.setdefault(a, {})[b] = v
+        else:
+            out[k] = v
+    return out
 
 
 def rounds_of(out: Path) -> list[dict]:
@@ -122,8 +138,9 @@ def main(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         floor = floor_seconds(3)
-        floor_rss = floor_rss_mib()
         lte_cfg = job_config(tmp / "lte", method="lte", nodes=nodes, rounds=rounds, quick=a.quick)
+        app_rss = floor_rss_mib()
+        floor_rss = floor_rss_mib(lte_cfg)
         fedavg_cfg = job_config(tmp / "fedavg", method="fedavg", nodes=nodes, rounds=2, quick=a.quick) | {
             "run.out": str(tmp / "fedavg")}
         dep = deployed(tmp, nodes, {"lte": lte_cfg, "fedavg": fedavg_cfg})
@@ -141,10 +158,12 @@ def main(a) -> dict:
     return {
         "job": {k: v for k, v in lte_cfg.items() if k != "run.out"}, "nodes": nodes,
         "floor_s": floor, "floor_median_s": statistics.median(floor), "floor_rss_mib": floor_rss,
+        "app_import_rss_mib": app_rss,
         "deployment": trim(dep["lte"]), "deployment_fedavg": trim(dep["fedavg"]),
         "simulation": trim(sim), "fused": trim(fused),
         "overhead_s": overhead, "overhead_over_floor": [o / statistics.median(floor) for o in overhead],
         "memory": {"lte_peak_mib": lte_peak, "fedavg_peak_mib": full_peak, "floor_mib": floor_rss,
+                   "app_import_mib": app_rss,
                    "lte_above_floor_mib": lte_peak - floor_rss, "fedavg_above_floor_mib": full_peak - floor_rss,
                    **est,
                    "lte_vs_estimate": (lte_peak - floor_rss) / est["lte_mib"],

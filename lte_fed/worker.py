@@ -118,6 +118,19 @@ def _write_shard(path: Path, key: dict, data: D.ImageData) -> None:
 
 
 # ------------------------------------------------------------------------------ the model
+def job_imports(spec: Spec) -> None:
+    """Import the libraries this job's worker loads lazily (the model's — timm, torchvision — and
+    bitsandbytes for a quantized base), and nothing else: what a process needs resident before
+    any tensor of the job exists (the benchmark's memory floor)."""
+    from .memory import analyse
+
+    analyse(spec.model.name, spec.model.img_size or 224, patch_size=spec.model.patch_size)  # meta build: imports only
+    if spec.quant.base != "none":
+        from .quant import _bnb
+
+        _bnb()
+
+
 def head_model(job: Job, head: int) -> HeadLTE:
     """Head `head` on `job`'s skeleton: q(W) buffers (zero until filled), A drawn from
     (seed, head) as in every engine, B and V zero, replicas zero until filled."""
