@@ -212,7 +212,8 @@ class Deployment:
 def make_credentials(root: Path, nodes: int = NODES, strangers: int = 1) -> Path:
     """A CA + server cert (root/certs), `nodes` registered node keys (root/keys) and `strangers`
     keys that are never registered (root/stranger)."""
-    for cmd in (["make_certs.sh", root / "certs"], ["make_node_keys.sh", root / "keys", nodes],
-                ["make_node_keys.sh", root / "stranger", strangers]):
+    cmds = [["make_certs.sh", root / "certs"], ["make_node_keys.sh", root / "keys", nodes]]
+    cmds += [["make_node_keys.sh", root / "stranger", strangers]] if strangers else []
+    for cmd in cmds:
         subprocess.run(["bash", DEPLOY / cmd[0], *map(str, cmd[1:])], check=True, capture_output=True, timeout=120)
     return root
