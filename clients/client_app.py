@@ -100,6 +100,8 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     head, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
     store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
+    with watch("libs"):
+        W.job_imports(spec)
     with watch("data"):
         job, src = _node_data(spec_json, head, str(store.root))
     with watch("model"):
@@ -233,6 +235,8 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
     config = _need(msg.content, P.CONFIG, "train message")
     worker, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
     store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"worker-{worker}")
+    with watch("libs"):
+        W.job_imports(spec)
     with watch("data"):
         job, src = _node_data(spec_json, worker, str(store.root))
     with watch("model"):

@@ -123,8 +123,13 @@ def job_imports(spec: Spec) -> None:
     bitsandbytes for a quantized base), and nothing else: what a process needs resident before
     any tensor of the job exists (the benchmark's memory floor)."""
     from .memory import analyse
+    from .models import is_language_model
 
-    analyse(spec.model.name, spec.model.img_size or 224, patch_size=spec.model.patch_size)  # meta build: imports only
+    if not is_language_model(spec.model.name):  # the language models need no library of their own
+        try:
+            analyse(spec.model.name, spec.model.img_size or 224, patch_size=spec.model.patch_size)  # meta: imports only
+        except ValueError:  # a size the model cannot take: the job's own build says so, with the key
+            pass
     if spec.quant.base != "none":
         from .quant import _bnb
 

@@ -137,7 +137,7 @@ def test_lte_runs_through_a_tls_authenticated_deployment(deployment, clean_run):
             line = next((ln for ln in text.splitlines() if f"round {rnd}: head {head} cost " in ln), None)
             assert line and "peak RSS" in line, f"no cost line for head {head} in round {rnd}:\n{text[-3000:]}"
     for r in rows:
-        for key in ("start", "imports", "data", "model", "train", "reply"):
+        for key in ("start", "imports", "libs", "data", "model", "train", "reply"):
             assert r[f"client_{key}_s"] > 0, (key, r)
         assert r["client_rss_peak_mib"] > 100 and r["client_full_weights"] == 0, r
         assert r["client_start_s"] > r["client_imports_s"] and r["client_overhead_s"] > 0, r
