@@ -18,7 +18,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lte_fed.rundir import RunDir
-from lte_fed.spec import ERROR_PREFIX, Spec, user_errors
+from lte_fed.spec import ERROR_PREFIX, Spec, register_with_hydra, user_errors
+
+register_with_hydra()  # before @hydra.main composes on it
 
 log = logging.getLogger("lte_fed")
 

@@ -13,7 +13,8 @@ import sys
 
 GiB, MiB = 2**30, 2**20
 ROWS = (("base", "base / weights"), ("trainable", "trainable (+V)"), ("grads", "gradients"),
-        ("optimizer", "AdamW state"), ("workspace", "dequant buffer"), ("activations", "activations"),
+        ("optimizer", "AdamW state"), ("workspace", "dequant buffer"), ("message", "server message"),
+        ("activations", "activations"),
         ("total", "total"))
 
 

@@ -45,7 +45,9 @@ def default_spec_dict(overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    import lte_fed.spec  # noqa: F401  (registers the Spec defaults that conf/config.yaml composes on)
+    from lte_fed.spec import register_with_hydra
+
+    register_with_hydra()  # the Spec defaults that conf/config.yaml composes on
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("config", overrides=overrides)

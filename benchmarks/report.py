@@ -130,20 +130,37 @@ def flower_md(d: dict) -> list[str]:
     return L + [""]
 
 
-def memory_md(d: dict) -> list[str]:
-    L = ["## 4. Peak memory of one client (benchmarks/memory_probe.py)", "",
-         "| model | img / batch | LTE client (nf4 + one head, r=64) peak | full AdamW peak | LTE / full | estimate / measured (LTE, full) |",
-         "|---|---|---|---|---|---|"]
-    for m, r in d.items():
-        if m in ("section_s", "env"):
-            continue
-        if not isinstance(r, dict) or "error" in r or "lte" not in r:
-            L.append(f"| {m} | failed | | | | |")
-            continue
-        c = r["config"]
-        L.append(f"| {m} | {c['img_size']} / {c['batch']} | {r['lte']['measured']['peak_bytes'] / MiB:.0f} MiB | "
-                 f"{r['full']['measured']['peak_bytes'] / MiB:.0f} MiB | {r['lte_over_full_measured']:.2f} | "
-                 f"{r['lte']['ratio_total']:.2f}, {r['full']['ratio_total']:.2f} |")
+def deploy_md(d: dict) -> list[str]:
+    j, floor = d["job"], d["floor_median_s"]
+    L = ["## 4. A real deployment next to the simulation and fused engines (benchmarks/deployment.py)", "",
+         f"{j['model.name']} at {j['model.img_size']} px (patch {j['model.patch_size']}), NF4 base, rank {j['lte.rank']}, "
+         f"{d['nodes']} heads of {j['train.batch_size'] // j['lte.heads']} samples, T={j['lte.merge_every']}, CPU. "
+         "Deployment: SuperLink + one SuperNode per head on loopback (TLS, node auth), started and stopped by the "
+         "benchmark. Seconds per round (the server's wall time, configure -> aggregate); client columns are the worst "
+         "head's reply metrics (lte_fed/costs.py): `start` = process start -> handler (interpreter, Flower's own "
+         "per-message work, imports), then data, model, train, reply. overhead = round - slowest training.", "",
+         f"Floor (`python -c \"import torch, flwr.clientapp\"`, this run, median of {len(d['floor_s'])}): "
+         f"**{floor:.2f} s**.", "",
+         "| engine | round | round s | train s | overhead s | overhead / floor | start | imports | data | model | reply | peak RSS MiB |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("deployment", "simulation", "fused"):
+        for r in d[name]:
+            train = r.get("client_train_s")
+            over = r["round_s"] - train if train is not None else None
+            cells = [f"{r[k]:.2f}" if k in r else "—" for k in ("client_start_s", "client_imports_s", "client_data_s",
+                                                               "client_model_s", "client_reply_s")]
+            L.append(f"| {name} | {r['round']} | {r['round_s']:.2f} | {'—' if train is None else f'{train:.2f}'} | "
+                     f"{'—' if over is None else f'{over:.2f}'} | {'—' if over is None else f'{over / floor:.2f}'} | "
+                     + " | ".join(cells) + f" | {r.get('client_rss_peak_mib', '—')} |")
+    m = d["memory"]
+    L += ["", "Peak memory of one ClientApp process (VmHWM in its reply), above the import floor "
+          f"(`python -c \"import clients.client_app\"`: {m['floor_mib']:.0f} MiB), next to `lte-fed-memory`:", "",
+          "| client | measured peak | above floor | estimate | measured / estimate |", "|---|---|---|---|---|",
+          f"| LTE (NF4 + one head) | {m['lte_peak_mib']:.0f} MiB | {m['lte_above_floor_mib']:.0f} MiB | "
+          f"{m['lte_mib']:.0f} MiB | {m['lte_vs_estimate']:.2f} |",
+          f"| FedAvg (full AdamW) | {m['fedavg_peak_mib']:.0f} MiB | {m['fedavg_above_floor_mib']:.0f} MiB | "
+          f"{m['full_mib']:.0f} MiB | {m['fedavg_above_floor_mib'] / m['full_mib']:.2f} |",
+          "", f"LTE / FedAvg above the floor: **{m['lte_vs_fedavg']:.2f}**."]
     return L + [""]
 
 
@@ -174,7 +191,7 @@ def markdown(res: dict) -> str:
          "load; ratios are taken within one repetition)",
          f"- total wall time {res['total_s'] / 60:.1f} min", ""]
     secs = res["sections"]
-    for key, fn in (("step", step_md), ("layers", layers_md), ("flower", flower_md), ("bytes", bytes_md), ("memory", memory_md),
+    for key, fn in (("step", step_md), ("layers", layers_md), ("flower", flower_md), ("bytes", bytes_md), ("deploy", deploy_md),
                     ("accuracy", accuracy_md)):
         if key not in secs:
             continue

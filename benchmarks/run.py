@@ -8,8 +8,9 @@ benchmarks/results/<date>.md and .json.
 Sections (each runs in its own subprocess, so memory, threads and Flower's process-wide state
 never leak from one into the next): step (step cost), layers (one layer's cost, one thread, CPU
 time: the steady measurement a change to the LTE layer is judged by), flower (Flower vs fused per round, split
-into parts), bytes (per-round message bytes, DDP volume), memory (peak memory of one client,
-via benchmarks/memory_probe.py), accuracy (samples to reach full training's accuracy), scaling
+into parts), bytes (per-round message bytes, DDP volume), deploy (a real loopback deployment
+next to the simulation and fused engines: wall time per round and its split, and each client's
+peak memory measured in the real ClientApp processes; benchmarks/deployment.py), accuracy (samples to reach full training's accuracy), scaling
 (time per round as N grows). Figures are medians of repeated runs with the IQR; ratios are
 taken pair by pair within one run.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .common import ROOT, environment
 
-SECTIONS = ("step", "layers", "bytes", "flower", "accuracy", "memory")
+SECTIONS = ("step", "layers", "bytes", "flower", "accuracy", "deploy")
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -63,7 +64,7 @@ def child(a) -> int:
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    mod = __import__(f"benchmarks.{ {'step': 'step_cost', 'layers': 'layer_cost', 'flower': 'flower_overhead'}.get(a.section, a.section) }",
+    mod = __import__(f"benchmarks.{ {'step': 'step_cost', 'layers': 'layer_cost', 'flower': 'flower_overhead', 'deploy': 'deployment'}.get(a.section, a.section) }",
                      fromlist=["main"])
     t0 = time.perf_counter()
     out = mod.main(a)

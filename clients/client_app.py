@@ -2,7 +2,9 @@
 
 A TRAIN message for LTE names the head to train and carries q(W), the merged replicas and the
 run spec (protocol.py); the config's "source" says where the head's state comes from (see
-strategies/lte_strategy.py). The worker holds only the quantized base and that head. It keeps
+strategies/lte_strategy.py). The worker holds only the quantized base and that head: its model
+is built on the meta device and filled from the message (lte_fed/worker.py), so W never exists
+here in full precision. Every reply's metrics say what the message cost (lte_fed/costs.py). It keeps
 the head (A, B, V) and its AdamW state between rounds on disk, under its state dir (node config
 `state-dir`; in simulation `<run dir>/client-state`), by run id, head and round, in safetensors:
 a restarted node, or a resumed server, finds it there.
@@ -10,26 +12,34 @@ a restarted node, or a resumed server, finds it there.
 
 from __future__ import annotations
 
-import logging
 import time
-from functools import lru_cache
-from pathlib import Path
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+_IMPORT_T0 = time.perf_counter()  # the module's own imports are part of a message's cost
 
-from lte_fed import protocol as P
-from lte_fed import uplink
-from lte_fed.job import batch_source, lte_config, setup
-from lte_fed.lte import HeadLTE
-from lte_fed.rundir import CLIENT_STATE
-from lte_fed.spec import Spec
-from lte_fed.train import (load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, prefixed, train_head,
-                           unprefixed)
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+from functools import lru_cache  # noqa: E402
+from pathlib import Path  # noqa: E402
 
+import torch  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+
+from lte_fed import costs  # noqa: E402
+from lte_fed import protocol as P  # noqa: E402
+from lte_fed import uplink  # noqa: E402
+from lte_fed import worker as W  # noqa: E402
+from lte_fed.lte import HeadLTE  # noqa: E402
+from lte_fed.rundir import CLIENT_STATE  # noqa: E402
+from lte_fed.spec import Spec  # noqa: E402
+from lte_fed.train import (load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, prefixed,  # noqa: E402
+                           train_head, unprefixed)
+
+IMPORTS_S = time.perf_counter() - _IMPORT_T0
 log = logging.getLogger("lte_fed.client")
 app = ClientApp()
+_served = 0  # messages this process handled: only the first pays the start-up
 
 
 class ClientConfigError(ValueError):
@@ -42,20 +52,19 @@ def _need(record, key: str, where: str):
     return record[key]
 
 
-# Ray actors and SuperNode processes live across rounds: keep the data and models built once.
-@lru_cache(maxsize=2)
-def _job(spec_json: str):
-    spec = Spec.from_dict(P.spec_from_json(spec_json))
-    job = setup(spec)
-    return spec, job, batch_source(job)
+# Simulation's Ray actors live across rounds: keep the shard (and its job) once read. A deployed
+# SuperNode runs every message in a fresh process, which reads the shard from its state dir.
+@lru_cache(maxsize=4)
+def _node_data(spec_json: str, head: int, cache: str | None):
+    return W.node_data(Spec.from_dict(P.spec_from_json(spec_json)), head, cache)
 
 
-@lru_cache(maxsize=8)
-def _head_model(spec_json: str, head: int) -> HeadLTE:
-    spec, job, _ = _job(spec_json)
-    model = HeadLTE(job.plain, lte_config(spec), head).to(job.device)
-    model.init_state = {k: t.clone() for k, t in model.head_state(with_corr=True).items()}
-    return model
+def _start_costs() -> tuple[costs.Stopwatch, dict]:
+    """A stopwatch for this message, and its start-up costs (only a process's first message)."""
+    global _served
+    first, _served = _served == 0, _served + 1
+    return costs.Stopwatch(), {"start_s": round(costs.process_age_s(), 3) if first else 0.0,
+                               "imports_s": round(IMPORTS_S, 3) if first else 0.0}
 
 
 @app.query()
@@ -88,27 +97,54 @@ def _node_spec_json(spec_json: str, node_config) -> str:
 
 # ------------------------------------------------------------------------------------ LTE
 def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, config) -> Message:
+    watch, cost = _start_costs()
     head, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
-    _, job, src = _job(spec_json)
-    model = _head_model(spec_json, head)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
     store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
-    resid = _load_head(model, opt, store, msg, config)
-    model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
-    model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
-    began = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
+    with watch("libs"):
+        W.job_imports(spec)
+    with watch("data"):
+        job, src = _node_data(spec_json, head, str(store.root))
+    with watch("model"):
+        model = _head_model(job, head, msg, cost)
+        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
+        resid = _load_head(model, opt, store, msg, config)
+        model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+        began = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
-                        precision=spec.run.precision)
-    reply, resid = _uplink_payload(spec.comm.up, model.head_state(), began, resid)
-    store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)), resid=resid)
-
-    reply = _inject_fault(spec, head, rnd, reply)
+    with watch("train"):
+        losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
+                            precision=spec.run.precision)
+    with watch("reply"):
+        payload, resid = _uplink_payload(spec.comm.up, model.head_state(), began, resid)
+        store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)), resid=resid)
+        reply = P.wire(_inject_fault(spec, head, rnd, payload))
     metrics = {"head": head, "partition": int(context.node_config.get("partition-id", -1)),
-               "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch}
-    return Message(RecordDict({P.HEAD: ArrayRecord(P.wire(reply)), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+               "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch,
+               **_costs(watch, cost)}
+    return Message(RecordDict({P.HEAD: ArrayRecord(reply), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
+def _costs(watch: costs.Stopwatch, cost: dict) -> dict:
+    return {**cost, **{k: round(v, 3) for k, v in watch.laps.items()}, **costs.peak_memory()}
+
+
+def _head_model(job, head: int, msg: Message, cost: dict) -> HeadLTE:
+    """Head `head` on the job's skeleton, filled with the message's q(W) and replicas; whether
+    any full-precision W was created meanwhile goes into `cost` (a quantized base only: with
+    quant.base=none the worker holds W by choice)."""
+    base = _need(msg.content, P.BASE, "train message").to_torch_state_dict()
+    replicas = _need(msg.content, P.REPLICAS, "train message").to_torch_state_dict()
+    quantized = job.spec.quant.base != "none"
+    with W.FullWeightWatch(W.lora_shapes_of(job) if quantized else set()) as seen:
+        model = W.head_model(job, head)
+        W.fill_head(model, base, replicas)
+        model.init_state = {k: t.clone() for k, t in model.head_state(with_corr=True).items()}
+    cost["full_weights"] = seen.count if quantized else -1
+    if seen.count:
+        log.error("head %d: the model's build created full-precision W: %s", head, seen.seen)
+    return model.to(job.device)
 
 
 def _uplink_payload(fmt: str, end: dict, start: dict, resid: dict) -> tuple[dict, dict]:
@@ -174,7 +210,8 @@ class StateFiles:
             raise ClientConfigError("no state dir: set node config 'state-dir' (or run.out in simulation)")
         if not run_id or not all(c.isalnum() or c in "-_" for c in run_id):
             raise ClientConfigError(f"bad run id {run_id!r} in the train config")
-        self.dir, self.name = Path(str(root)) / run_id, name
+        self.root = Path(str(root))
+        self.dir, self.name = self.root / run_id, name
 
     def _file(self, rnd: int) -> Path:
         return self.dir / f"{self.name}-r{rnd}.safetensors"
@@ -208,30 +245,33 @@ class StateFiles:
 # ------------------------------------------------------------------------------- FedAvg
 def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) -> Message:
     """Full-model baseline: T local AdamW steps of the whole plain model on this worker's shard."""
+    watch, cost = _start_costs()
     config = _need(msg.content, P.CONFIG, "train message")
     worker, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
-    _, job, src = _job(spec_json)
-    model = _plain_model(spec_json)
-    model.load_state_dict(_need(msg.content, P.WEIGHTS, "train message").to_torch_state_dict())
-    opt = make_optimizer(list(model.parameters()), spec.lr, spec.train.weight_decay)
     store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"worker-{worker}")
-    saved = store.load(int(_need(config, "state_round", "train config")))
-    if saved is not None:
-        load_optimizer_tensors(opt, unprefixed("opt", saved))
+    with watch("libs"):
+        W.job_imports(spec)
+    with watch("data"):
+        job, src = _node_data(spec_json, worker, str(store.root))
+    with watch("model"):
+        # the received weights become the model's own (no random model is built first)
+        model = W.plain_model(dataclasses.replace(job, plain=copy.deepcopy(job.plain)),  # meta: a free copy
+                              _need(msg.content, P.WEIGHTS, "train message").to_torch_state_dict())
+        opt = make_optimizer(list(model.parameters()), spec.lr, spec.train.weight_decay)
+        saved = store.load(int(_need(config, "state_round", "train config")))
+        if saved is not None:
+            load_optimizer_tensors(opt, unprefixed("opt", saved))
+    cost["full_weights"] = -1  # FedAvg trains W itself
     start = (rnd - 1) * spec.merge_every
     steps = min(spec.merge_every, spec.train.steps - start)
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
-                        precision=spec.run.precision)
-    store.save({}, opt, rnd, int(config.get("keep_from", 0)))
-    metrics = {"head": worker, "train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch}
-    return Message(RecordDict({P.WEIGHTS: ArrayRecord(P.wire(model.state_dict())), P.METRICS: MetricRecord(metrics)}),
-                   reply_to=msg)
+    with watch("train"):
+        losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
+                            precision=spec.run.precision)
+    with watch("reply"):
+        store.save({}, opt, rnd, int(config.get("keep_from", 0)))
+        reply = P.wire(model.state_dict())
+    metrics = {"head": worker, "train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch,
+               **_costs(watch, cost)}
+    return Message(RecordDict({P.WEIGHTS: ArrayRecord(reply), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
-
-@lru_cache(maxsize=2)
-def _plain_model(spec_json: str):
-    import copy
-
-    _, job, _ = _job(spec_json)
-    return copy.deepcopy(job.plain).to(job.device)

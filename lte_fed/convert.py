@@ -34,7 +34,8 @@ class PatchifyLinear(nn.Module):
         super().__init__()
         d, c, ph, pw = conv.weight.shape
         self.patch = (ph, pw)
-        self.linear = nn.Linear(c * ph * pw, d, bias=conv.bias is not None)
+        # on the conv's device: a skeleton on the meta device stays one (no weight is allocated)
+        self.linear = nn.Linear(c * ph * pw, d, bias=conv.bias is not None, device=conv.weight.device)
         with torch.no_grad():
             self.linear.weight.copy_(conv.weight.reshape(d, -1))
             if conv.bias is not None:
@@ -63,8 +64,9 @@ class SelfAttention(nn.Module):
             raise ValueError("only plain self-attention nn.MultiheadAttention can be converted")
         d = mha.embed_dim
         self.num_heads, self.dropout, self.batch_first = mha.num_heads, mha.dropout, mha.batch_first
-        self.in_proj = nn.Linear(d, 3 * d, bias=mha.in_proj_bias is not None)
-        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None)
+        dev = mha.in_proj_weight.device  # meta for a skeleton: nothing is allocated
+        self.in_proj = nn.Linear(d, 3 * d, bias=mha.in_proj_bias is not None, device=dev)
+        self.out_proj = nn.Linear(d, d, bias=mha.out_proj.bias is not None, device=dev)
         with torch.no_grad():
             self.in_proj.weight.copy_(mha.in_proj_weight)
             self.out_proj.weight.copy_(mha.out_proj.weight)

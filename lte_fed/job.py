@@ -7,6 +7,7 @@ same job from the same spec.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -37,27 +38,37 @@ class Job:
         return isinstance(self.data, T.TextData)
 
 
-def setup(spec: Spec) -> Job:
-    """Validate, load data, build the plain model."""
+def setup(spec: Spec, *, data: D.ImageData | T.TextData | None = None, skeleton: bool = False) -> Job:
+    """Validate, load data (unless given), build the plain model.
+
+    skeleton: build the model on the meta device — shapes only, no weights drawn or allocated
+    (a worker fills it from the server's message; lte_fed/worker.py)."""
     validate(spec)
     device = resolve_device(spec.run.device)
-    if spec.data.name in D.TEXT_DATASETS:
-        return _setup_text(spec, device)
-    data = D.load_data(spec.data.name, root=spec.data.root, seed=spec.run.seed, img_size=spec.model.img_size,
-                       test_fraction=spec.data.test_fraction, synthetic_size=spec.data.synthetic_size,
-                       download=spec.data.download)
-    img_size = spec.model.img_size or data.img_size
-    plain = build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size, in_chans=data.in_chans,
-                        patch_size=spec.model.patch_size, seed=spec.run.seed)
+    text = spec.data.name in D.TEXT_DATASETS
+    if data is None:
+        data = load_job_data(spec)
+    img_size = 0 if text else spec.model.img_size or data.img_size
+    with torch.device("meta") if skeleton else contextlib.nullcontext():
+        if text:
+            plain = build_lm(spec.model.name, vocab_size=data.vocab_size, block_size=spec.model.block_size,
+                             seed=spec.run.seed)
+        else:
+            plain = build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size,
+                                in_chans=data.in_chans, patch_size=spec.model.patch_size, seed=spec.run.seed)
+    if text:
+        data.block_size, data.val_tokens = plain.cfg.block_size, spec.data.val_tokens
     return Job(spec, data, img_size, plain, device)
 
 
-def _setup_text(spec: Spec, device: torch.device) -> Job:
-    data = T.load_text(spec.data.name, root=spec.data.root, tokenizer=spec.data.tokenizer,
-                       val_fraction=spec.data.test_fraction)
-    plain = build_lm(spec.model.name, vocab_size=data.vocab_size, block_size=spec.model.block_size, seed=spec.run.seed)
-    data.block_size, data.val_tokens = plain.cfg.block_size, spec.data.val_tokens
-    return Job(spec, data, 0, plain, device)
+def load_job_data(spec: Spec) -> D.ImageData | T.TextData:
+    """The whole dataset the spec names (every head's shard, and the test split)."""
+    if spec.data.name in D.TEXT_DATASETS:
+        return T.load_text(spec.data.name, root=spec.data.root, tokenizer=spec.data.tokenizer,
+                           val_fraction=spec.data.test_fraction)
+    return D.load_data(spec.data.name, root=spec.data.root, seed=spec.run.seed, img_size=spec.model.img_size,
+                       test_fraction=spec.data.test_fraction, synthetic_size=spec.data.synthetic_size,
+                       download=spec.data.download)
 
 
 def progress(job: Job, step: int) -> dict[str, int]:
@@ -83,11 +94,16 @@ def lte_config(spec: Spec) -> LTEConfig:
                      seed=spec.run.seed)
 
 
+def splits_data(spec: Spec) -> bool:
+    """Whether heads split the cumulative batch and the data (LTE and FedAvg workers), or every
+    head draws the whole batch from all the data (the other methods, and lte.same_batch)."""
+    return spec.method in ("lte", "fedavg") and not spec.lte.same_batch
+
+
 def batch_source(job: Job) -> BatchSource | T.TextBatchSource:
-    """Shards and per-head batch size for the method: LTE heads split the cumulative batch and
-    the data; every other method (and lte.same_batch) draws the whole batch from all the data."""
+    """Shards and per-head batch size for the method (`splits_data`)."""
     s = job.spec
-    split = s.method in ("lte", "fedavg") and not s.lte.same_batch
+    split = splits_data(s)
     if job.is_text:
         shards = T.shards(job.data, s.lte.heads, s.data.partition, s.run.seed) if split else [job.data.train]
         per_head = s.train.batch_size // s.lte.heads if split else s.train.batch_size

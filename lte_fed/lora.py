@@ -245,7 +245,10 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.rank = n, m, rank
         self.scale = alpha / rank
         self.variant = variant
-        self.base = QuantizedWeight.from_weight(linear.weight.detach(), quant)
+        if linear.weight.is_meta:  # a skeleton (lte_fed/worker.py): q(W) arrives later, W never exists here
+            self.base = QuantizedWeight((m, n), quant)
+        else:
+            self.base = QuantizedWeight.from_weight(linear.weight.detach(), quant)
         self.lora_A = nn.Parameter(init_lora_A(rank, n, init, generator))
         self.lora_B = nn.Parameter(torch.zeros(m, rank))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone().float())

@@ -137,6 +137,19 @@ def _refuse_unmergeable_state(model: nn.Module) -> None:
                 )
 
 
+@torch.no_grad()
+def _materialize(net: nn.Module) -> None:
+    """Give every tensor still on the meta device (a head built from a skeleton: its replicas;
+    the LoRA layers' bases are already packed q(W) buffers) zeros on the CPU, in place. The
+    worker loads the real values from the server's message before it trains."""
+    for m in net.modules():
+        for table in (m._parameters, m._buffers):
+            for k, t in table.items():
+                if t is not None and t.is_meta:
+                    new = torch.zeros(t.shape, dtype=t.dtype)
+                    table[k] = nn.Parameter(new, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else new
+
+
 def _split(name: str) -> tuple[str, str]:
     owner, _, attr = name.rpartition(".")
     return owner, attr
@@ -160,6 +173,10 @@ def accounting(model: "HeadLTE | StackedLTE") -> dict[str, int]:
 class HeadLTE(nn.Module):
     """One worker's model: head `head` of the LTE model, base held in `cfg.quant` format.
 
+    `model` may be a skeleton on the meta device (lte_fed/worker.py): then no full-precision W
+    is ever allocated; the bases and replicas start at zero and are loaded from the server's
+    message. A is drawn from (seed, head) on the CPU either way, so both starts agree.
+
     State that travels (all keyed by names in the prepared model):
       base_state():  "<linear>.base.<part>" quantized base tensors (server -> worker)
       head_state():  "<linear>.lora_A/.lora_B", replicas by name; with_corr adds corr_A/corr_B
@@ -177,6 +194,7 @@ class HeadLTE(nn.Module):
             layer = LoRALinear(net.get_submodule(name), cfg.rank, cfg.alpha, variant=cfg.variant,
                                init=cfg.init, quant=cfg.quant, generator=gen)
             _set(net, name, layer)
+        _materialize(net)
         for name in self.plan.replicas:
             p = net.get_parameter(name)
             p._lte_replica = True

@@ -6,15 +6,14 @@ every term is in bytes and explicit, with gradients and activations added, becau
 device those are what decides whether a job fits:
 
     LTE client  = base q(W) + head (A, B [+ V_A, V_B for `exact`] + replicas)
-                + AdamW (2 × trainable) + dequant buffer + max(activations, grads)
+                + AdamW (2 × trainable) + dequant buffer + message + max(activations, grads)
     full AdamW  = weights (fp32) + AdamW (2 × P) + max(activations, grads (1 × P))
 
 Why max(activations, grads) and not their sum: backward frees each layer's saved activations
 as it produces that layer's gradients, and `zero_grad(set_to_none=True)` (the default) drops
 the gradients before the next forward, so the two never coexist in full. The peak is at the
 start of backward (all activations) or at the optimizer step (all gradients), whichever is
-larger. The measured peaks of `benchmarks/memory_probe.py` confirm it (full ViT-B: the sum
-overestimates by ~22%, the max is within 2%).
+larger. Measured peaks of real ClientApp processes confirm it (docs/performance.md §4).
 
 Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exactly:
     nf4/fp4: ceil(m·n / 2) packed + 4 · ceil(m·n / 64) absmax (fp32, one per 64-block)
@@ -24,6 +23,16 @@ The dequant buffer is one fp32 copy of the largest Linear (the forward and the i
 rebuild W on the fly, one layer at a time). The exact variant needs it with a full-precision base
 too: a client folds W - s·V into such a transient when that is the cheaper matmul
 (`lora.fold_is_cheaper`, true at ViT sizes and batches).
+
+The message: a federated worker gets q(W) and the merged replicas in the server's message,
+and Flower holds that message (its serialized arrays, base bytes + 4 · replica elements) for as
+long as the handler runs, next to the worker's own copy in its model. A full-training device
+has no message.
+
+What is not here: the process's code and libraries (interpreter, torch, Flower, the model's
+library: timm imports torchvision, ~190 MiB resident on CPU; bitsandbytes ~60 MiB). They cost
+the same whatever the model, so measurements are taken above a process that imported them
+(benchmarks/deployment.py: the real ClientApp processes of a loopback deployment).
 
 Activation model (fp32, what autograd saves for backward, transformer-like nets):
     act = batch · tokens · width · depth · ACT_FLOATS_PER_TOKEN · 4 bytes
@@ -152,7 +161,7 @@ def activation_bytes(shape: ModelShape, batch: int, lora_rank: int = 0, lora_sav
 def _peak(terms: dict[str, int]) -> int:
     """Peak bytes: everything resident plus the larger of activations and gradients (they
     do not coexist; module docstring)."""
-    resident = terms["base"] + terms["trainable"] + terms["optimizer"] + terms["workspace"]
+    resident = terms["base"] + terms["trainable"] + terms["optimizer"] + terms["workspace"] + terms.get("message", 0)
     return resident + max(terms["activations"], terms["grads"])
 
 
@@ -169,8 +178,10 @@ def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, i
         "grads": FP32 * trainable,
         "optimizer": 2 * FP32 * trainable,
         "workspace": 0 if quant == "none" and variant != "exact" else FP32 * max(m * n for m, n in shape.linears),
+        "message": 0,
         "activations": activation_bytes(shape, batch, rank, 2 if variant == "exact" else 1),
     }
+    out["message"] = out["base"] + FP32 * shape.replica_elems  # the server's q(W) + replicas, as Flower holds them
     out["total"] = _peak(out)
     return out
 
@@ -179,7 +190,7 @@ def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:
     """Bytes of full-model AdamW training (fp32) on one device at the same per-device batch."""
     P = shape.full_params
     out = {"base": FP32 * P, "trainable": 0, "grads": FP32 * P, "optimizer": 2 * FP32 * P,
-           "workspace": 0, "activations": activation_bytes(shape, batch)}
+           "workspace": 0, "message": 0, "activations": activation_bytes(shape, batch)}
     out["total"] = _peak(out)
     return out
 

@@ -53,6 +53,18 @@ def quantize(weight: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     return {"packed": packed, "absmax": state.absmax.float()}
 
 
+def part_layout(shape: tuple[int, int], fmt: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """The names, shapes and dtypes `quantize` gives a (m, n) weight in format `fmt`, without
+    quantizing anything (a worker allocates q(W)'s buffers from this, never an m×n float)."""
+    check_format(fmt)
+    m, n = int(shape[0]), int(shape[1])
+    if fmt == "none":
+        return {"weight": ((m, n), torch.float32)}
+    if fmt == "int8":
+        return {"packed": ((m, n), torch.int8), "absmax": ((m,), torch.float32)}
+    return {"packed": (((m * n + 1) // 2, 1), torch.uint8), "absmax": ((-(-m * n // BLOCKSIZE_4BIT),), torch.float32)}
+
+
 def dequantize(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, int]) -> torch.Tensor:
     """Inverse of `quantize`: the float32 weight (m, n) the packed tensors stand for."""
     if fmt == "none":
@@ -109,19 +121,20 @@ class _DequantLinear(torch.autograd.Function):
 class QuantizedWeight(nn.Module):
     """A frozen (m, n) weight held in format `fmt`; `linear(x)` computes x Wᵀ.
 
-    Its packed tensors are buffers, so they follow `.to(device)` and `state_dict`.
+    Its packed tensors are buffers, so they follow `.to(device)` and `state_dict`. A new one
+    holds zeros in the packed layout (`part_layout`) until `set_weight` or `set_parts` fills it.
     """
 
-    def __init__(self, shape: tuple[int, int], fmt: str = "nf4"):
+    def __init__(self, shape: tuple[int, int], fmt: str = "nf4", device: torch.device | str | None = None):
         super().__init__()
         self.fmt = check_format(fmt)
         self.shape = (int(shape[0]), int(shape[1]))
-        for name, t in quantize(torch.zeros(self.shape), fmt).items():
-            self.register_buffer(name, t)
+        for name, (part_shape, dtype) in part_layout(self.shape, fmt).items():
+            self.register_buffer(name, torch.zeros(part_shape, dtype=dtype, device=device))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, fmt: str) -> "QuantizedWeight":
-        q = cls(tuple(weight.shape), fmt)
+        q = cls(tuple(weight.shape), fmt, device=weight.device)
         q.set_weight(weight)
         return q
 

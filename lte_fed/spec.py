@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,13 +229,18 @@ def _toml_value(v) -> str:
 HYDRA_NODE = "lte_fed_spec"
 
 
-def _register_with_hydra() -> None:
+def register_with_hydra() -> None:
+    """Store the defaults as HYDRA_NODE in Hydra's ConfigStore (idempotent). `lte-fed` and every
+    compose() need it; call it before composing."""
     from hydra.core.config_store import ConfigStore
 
     ConfigStore.instance().store(name=HYDRA_NODE, node=Spec().to_dict())
 
 
-_register_with_hydra()  # at import, as Hydra's structured configs are: `lte-fed` and compose() need it
+# At import only where Hydra is already loaded (the CLI imports it first): a ClientApp process
+# never composes, and importing Hydra would cost every Flower message ~0.5 s of start-up.
+if "hydra" in sys.modules:
+    register_with_hydra()
 
 
 def _need(cond: bool, key: str, why: str) -> None:

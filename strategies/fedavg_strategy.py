@@ -24,7 +24,7 @@ from lte_fed.ledger import Guard, relative_change
 from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 
-from .grid_utils import PartitionMap, message_bytes, reply_bytes
+from .grid_utils import PartitionMap, message_bytes, reply_bytes, worker_costs
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -40,6 +40,7 @@ class FedAvgStrategy(RoundLoop):
         self.run_id, self.round, self.wall, self.checkpointed = uuid.uuid4().hex[:16], 0, 0.0, 0
         self.bytes_up = self.bytes_down = 0
         self.round_loss, self.alignment = math.nan, {}
+        self.costs: dict[int, dict] = {}  # worker -> what its message cost it (lte_fed/costs.py)
         self._sent: list[Message] = []
 
     def summary(self) -> None:
@@ -60,7 +61,7 @@ class FedAvgStrategy(RoundLoop):
         ids = {m.metadata.message_id: int(m.content[P.CONFIG]["head"]) for m in self._sent}
         good: dict[int, tuple[dict[str, torch.Tensor], float, float]] = {}
         seen: set[int] = set()
-        self.bytes_up = 0
+        self.bytes_up, self.costs = 0, {}
         for reply in replies:
             worker = ids.get(reply.metadata.reply_to_message_id)
             if worker is None or worker in seen:
@@ -70,6 +71,8 @@ class FedAvgStrategy(RoundLoop):
             seen.add(worker)
             self.bytes_up += reply_bytes(reply)
             error = reply.error.reason if reply.has_error() else None
+            if error is None:
+                self.costs[worker] = worker_costs(reply, server_round, worker)
             verdict = P.screen_reply(None if error else reply.content, self.layout, worker, error, arrays=P.WEIGHTS)
             reason = verdict.reason or self._too_large(verdict.state)
             if reason:

@@ -15,6 +15,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from lte_fed import protocol as P
+from lte_fed.costs import COST_KEYS, costs_line
+
 log = logging.getLogger("lte_fed.server")
 POLL_S = 0.2
 
@@ -30,6 +33,20 @@ def reply_bytes(msg: Message) -> int:
         return message_bytes(msg)
     except Exception:  # noqa: BLE001 -- a malformed reply must not crash the byte count
         return 0
+
+
+def worker_costs(reply: Message, rnd: int, head: int) -> dict[str, float]:
+    """The cost metrics (lte_fed/costs.py) a reply carries, logged for its head; whatever is
+    missing or not a number is left out (a reply is screened for what matters elsewhere)."""
+    try:
+        metrics = reply.content[P.METRICS]
+        got = {k: float(metrics[k]) for k in COST_KEYS
+               if k in metrics and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)}
+    except Exception:  # noqa: BLE001 -- a malformed reply must not crash the logging
+        return {}
+    if got:
+        log.info("%s", costs_line(rnd, head, got))
+    return got
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:

@@ -39,7 +39,7 @@ from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
-from .grid_utils import PartitionMap, message_bytes, reply_bytes
+from .grid_utils import PartitionMap, message_bytes, reply_bytes, worker_costs
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -67,6 +67,7 @@ class LTEStrategy(RoundLoop):
         self._sent: list[Message] = []  # this round's messages
         self.bytes_up = self.bytes_down = 0
         self.round_loss, self.alignment = float("nan"), {}
+        self.costs: dict[int, dict] = {}  # head -> what its message cost the worker (lte_fed/costs.py)
 
     def summary(self) -> None:
         c = self.cfg
@@ -121,7 +122,7 @@ class LTEStrategy(RoundLoop):
         return "local-or-restore" if trusted else "restore"
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
-        self.bytes_up = 0
+        self.bytes_up, self.costs = 0, {}
         answered: set[int] = set()
         ids = {m.metadata.message_id: int(m.content[P.CONFIG]["head"]) for m in self._sent}  # set once pushed
         for reply in replies:
@@ -134,6 +135,8 @@ class LTEStrategy(RoundLoop):
             answered.add(head)
             error = reply.error.reason if reply.has_error() else None
             self._round.receive(head, None if error is not None else reply.content, error)
+            if error is None:
+                self.costs[head] = worker_costs(reply, server_round, head)
         if self.spec.train.log_alignment and len(self._round.got) > 1:
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})
         result = self._round.close(self.spec.run.min_heads)

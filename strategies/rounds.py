@@ -20,6 +20,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
+from lte_fed.costs import round_costs
 from lte_fed.engine import build_summary, write_sample
 from lte_fed.job import Job, progress
 from lte_fed.rundir import RunDir
@@ -33,7 +34,7 @@ log = logging.getLogger("lte_fed.server")
 
 class RoundLoop(Strategy):
     """Subclasses set: spec, job, dir, partitions, run_id, round, wall, checkpointed,
-    bytes_up, bytes_down, round_loss, alignment."""
+    bytes_up, bytes_down, round_loss, alignment, costs (head -> its reply's cost metrics)."""
 
     spec: Spec
     job: Job
@@ -74,8 +75,8 @@ class RoundLoop(Strategy):
         step = min(rnd * s.merge_every, s.train.steps)
         row = {"round": rnd, **progress(self.job, step), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
-               "merged_heads": int(metrics["merged_heads"]), **self.alignment}
-        self.alignment = {}
+               "merged_heads": int(metrics["merged_heads"]), **self.alignment, **round_costs(self.costs)}
+        self.alignment, self.costs = {}, {}
         self.dir.append_metrics(row)
         log.info("round %d: merged %d of %d, train loss %s, %s, up %d B, down %d B", rnd,
                  row["merged_heads"], s.heads, "-" if math.isnan(row["train_loss"]) else f"{row['train_loss']:.4f}",

@@ -18,24 +18,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from deploy.loopback import (BIN, NODES, REPO, Deployment, descendants, free_port, kill_tree, make_credentials,
+                             running, wait_gone, cmdline, in_sessions)
 from lte_fed.models import build_model
 from lte_fed.rundir import RunDir
-
-REPO = Path(__file__).resolve().parents[1]
-DEPLOY = REPO / "deploy"
-BIN = Path(sys.executable).parent  # the venv's bin: flower-superlink, flower-supernode, flwr
-NODES = 3
 
 pytestmark = [
     pytest.mark.timeout(900),
@@ -43,196 +37,10 @@ pytestmark = [
 ]
 
 
-# ----------------------------------------------------------------------- processes and ports
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields of /proc/PID/stat after the command name: state, ppid, pgrp, session, ..."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def running(pid: int) -> bool:
-    st = _stat(pid)
-    return st is not None and st[0] != "Z"
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
-
-
-def all_pids() -> list[int]:
-    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
-
-
-def in_sessions(sessions: set[int]) -> dict[int, str]:
-    """Live (non-zombie) processes whose session is one of `sessions`: everything the scripts
-    and commands this test started in a new session spawned, however deep, whoever reaped them."""
-    out = {}
-    for pid in all_pids():
-        st = _stat(pid)
-        if st is not None and st[0] != "Z" and int(st[3]) in sessions:
-            out[pid] = cmdline(pid)
-    return out
-
-
-def descendants(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for p in all_pids():
-        st = _stat(p)
-        if st is not None:
-            kids.setdefault(int(st[1]), []).append(p)
-    out, todo = [], [pid]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def kill_tree(pid: int, sig: int) -> list[int]:
-    """Send `sig` to PID and every descendant (found before anything is signalled)."""
-    tree = [pid, *descendants(pid)]
-    for p in tree:
-        try:
-            os.kill(p, sig)
-        except ProcessLookupError:
-            pass
-    return tree
-
-
-def wait_gone(pids, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := [p for p in pids if running(p)]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return left
-
-
-def listening(ports) -> set[int]:
-    """Which of `ports` have a socket in LISTEN state (IPv4 or IPv6)."""
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if fields[3] == "0A" and port in ports:
-                found.add(port)
-    return found
-
-
-# ----------------------------------------------------------------------------- deployment
-class Deployment:
-    """SuperLink + SuperNodes started by deploy/*.sh with a private STATE / FLWR_HOME / ports.
-    Each script and command runs in a session of its own, so `stop()` finds every process it
-    left behind (background daemons, flower-superexec, flwr-serverapp, flwr-clientapp) by
-    session id, not by name."""
-
-    def __init__(self, root: Path, certs: Path, keys: Path, nodes: int = NODES):
-        self.root, self.nodes = root, nodes
-        self.state = root / "state"
-        self.port = free_port()
-        self.node_ports = [free_port() for _ in range(nodes)]
-        self.federation = "lte-test"
-        self.env = {
-            **os.environ,
-            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "VENV_BIN": str(BIN), "STATE": str(self.state), "CERTS": str(certs), "KEYS": str(keys),
-            "FLWR_HOME": str(root / "flwr_home"), "SUPERLINK_HOST": "127.0.0.1",
-            "SUPERLINK_PORT": str(self.port), "FEDERATION": self.federation, "START_WAIT": "60",
-            "PYTHONUNBUFFERED": "1",
-        }
-        self.sessions: set[int] = set()
-        self.children: list[subprocess.Popen] = []
-
-    # -- commands
-    def popen(self, args, **kw) -> subprocess.Popen:
-        p = subprocess.Popen([str(a) for a in args], env={**self.env, **kw.pop("env", {})}, start_new_session=True,
-                             cwd=self.root, **kw)
-        self.sessions.add(p.pid)
-        self.children.append(p)
-        return p
-
-    def script(self, name: str, *args, check: bool = True, env: dict | None = None, timeout: float = 120) -> str:
-        p = self.popen(["bash", DEPLOY / name, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                       env=env or {})
-        out, _ = p.communicate(timeout=timeout)
-        if check:
-            assert p.returncode == 0, f"{name} {args} failed ({p.returncode}):\n{out}"
-        return out
-
-    def pid(self, name: str) -> int:
-        pid = int((self.state / "pids" / f"{name}.pid").read_text())
-        assert "flower-super" in cmdline(pid), f"PID {pid} of {name} is {cmdline(pid)!r}"
-        return pid
-
-    def log(self, name: str) -> str:
-        return (self.state / "logs" / f"{name}.log").read_text(errors="replace")
-
-    def start(self) -> None:
-        self.script("start_superlink.sh")
-        self.script("register_nodes.sh")
-        for i in range(self.nodes):
-            self.start_node(i)
-
-    def start_node(self, i: int) -> None:
-        self.script("start_supernode.sh", i, self.nodes, env={"NODE_PORT": str(self.node_ports[i])})
-
-    def run(self, run_config: str, log: Path) -> subprocess.Popen:
-        """`flwr run REPO FEDERATION --stream`, in the background, its output in `log`."""
-        with open(log, "w") as f:
-            return self.popen([BIN / "flwr", "run", REPO, self.federation, "--stream", "--run-config", run_config],
-                              stdout=f, stderr=subprocess.STDOUT)
-
-    # -- stopping
-    def ports(self) -> set[int]:
-        return {self.port, *self.node_ports}
-
-    def stop(self) -> tuple[dict[int, str], set[int]]:
-        """deploy/stop_all.sh, then a sweep: whatever of ours still runs is killed by PID.
-        Returns what the sweep found (should be nothing) and the ports still listening."""
-        for p in self.children:
-            if p.poll() is None and p.args[0] != "bash":
-                kill_tree(p.pid, signal.SIGTERM)
-        if (self.state / "pids").is_dir():
-            self.script("stop_all.sh", check=False, timeout=60)
-        left = wait_gone(list(in_sessions(self.sessions)), 5)
-        leftovers = {p: cmdline(p) for p in left}
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for p in in_sessions(self.sessions):
-                kill_tree(p, sig)
-            wait_gone(list(in_sessions(self.sessions)), 5)
-        for p in self.children:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        deadline = time.monotonic() + 10  # a closed listening socket can take a moment to go
-        while (still := listening(self.ports())) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return leftovers, still
-
-
 @pytest.fixture(scope="module")
 def credentials(tmp_path_factory):
     """A CA + server cert, NODES registered node keys and one key that is never registered."""
-    root = tmp_path_factory.mktemp("creds")
-    for cmd in (["make_certs.sh", root / "certs"], ["make_node_keys.sh", root / "keys", NODES],
-                ["make_node_keys.sh", root / "stranger", 1]):
-        subprocess.run(["bash", DEPLOY / cmd[0], *map(str, cmd[1:])], check=True, capture_output=True, timeout=120)
-    return root
+    return make_credentials(tmp_path_factory.mktemp("creds"), NODES)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +60,7 @@ def run_config(out: Path, steps: int, model: str = "vit_digits", extra: str = ""
     # Strings need TOML quotes inside --run-config ('...' or "..."); numbers and booleans not.
     return (f"data.name='synthetic' data.synthetic_size=256 model.name='{model}' lte.heads={NODES} lte.rank=4 "
             f"lte.alpha=32.0 lte.merge_every=2 train.batch_size=12 train.steps={steps} train.warmup=1 "
-            f"run.out='{out}' run.device='cpu' {extra}").strip()
+            f"quant.base='nf4' run.out='{out}' run.device='cpu' {extra}").strip()
 
 
 def wait_rows(out: Path, n: int, proc: subprocess.Popen, timeout: float) -> list[dict]:
@@ -322,6 +130,20 @@ def test_lte_runs_through_a_tls_authenticated_deployment(deployment, clean_run):
     assert [r["merged_heads"] for r in rows] == [3, 3]
     assert "round 2: merged 3 of 3" in text, text[-4000:]  # the ServerApp's progress, streamed
     assert "not merged" not in text and "goes to node" not in text
+    # every reply said what its message cost and how much memory its process peaked at, and no
+    # ClientApp created a full-precision W while building its model (the watch, lte_fed/worker.py)
+    for rnd in (1, 2):
+        for head in range(NODES):
+            line = next((ln for ln in text.splitlines() if f"round {rnd}: head {head} cost " in ln), None)
+            assert line and "peak RSS" in line, f"no cost line for head {head} in round {rnd}:\n{text[-3000:]}"
+    for r in rows:
+        for key in ("start", "imports", "libs", "data", "model", "train", "reply"):
+            assert r[f"client_{key}_s"] > 0, (key, r)
+        assert r["client_rss_peak_mib"] > 100 and r["client_full_weights"] == 0, r
+        assert r["client_start_s"] > r["client_imports_s"] and r["client_overhead_s"] > 0, r
+    # each node prepared its shard once and read it back from its state dir in round 2
+    for i in range(NODES):
+        assert len(list((deployment.state / f"node_{i}" / "shards").glob("*.safetensors"))) == 1
     # each node trained its own head (partition-id = head) and kept its state where it was told,
     # under the run's id
     run_id = json.loads((out / "summary.json").read_text())["run_id"]

@@ -228,6 +228,10 @@ def test_fedavg_trains_a_gpt_through_flower(tmp_path):
 @pytest.mark.parametrize("preset", ["shakespeare_cpu", "shakespeare_paper"])
 def test_the_language_presets_are_valid_jobs(preset):
     from hydra import compose, initialize_config_dir
+
+    from lte_fed.spec import register_with_hydra
+
+    register_with_hydra()
     from omegaconf import OmegaConf
 
     from app.cli import CONF_DIR

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 
 from lte_fed.job import lte_config
 from lte_fed.lte import LTEConfig
-from lte_fed.spec import DEFAULT_LR, Spec, SpecError, flower_run_config, validate
+from lte_fed.spec import DEFAULT_LR, Spec, SpecError, flower_run_config, register_with_hydra, validate
 from lte_fed.train import lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,7 @@ CONF = ROOT / "conf"
 
 
 def composed(*overrides: str) -> dict:
+    register_with_hydra()
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
 

@@ -92,6 +92,10 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
                                                   ("ablation_gpu", "ablation/gpu", ["data.root=/data/imagenet100"])])
 def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra):
     from hydra import compose, initialize_config_dir
+
+    from lte_fed.spec import register_with_hydra
+
+    register_with_hydra()
     from omegaconf import OmegaConf
 
     from lte_fed.spec import Spec, validate

@@ -1,0 +1,106 @@
+"""What one worker message cost: where its wall time went and its process's peak memory.
+
+A worker reports these in its reply's metrics (the keys of COST_KEYS); the server logs them per
+head and writes their worst value over the round's heads to metrics.jsonl (`round_costs`):
+the slowest and the largest worker are what bound a round and a device.
+
+    start_s    process start -> the handler runs (interpreter, Flower's own set-up, imports);
+               0 when the process already served a message (simulation's long-lived actors)
+    imports_s  the ClientApp module's own imports (part of start_s; 0 like it)
+    libs_s     the libraries this job loads lazily (the model's: timm imports torchvision;
+               bitsandbytes for a quantized base); 0 once a process has them
+    data_s     the shard: read from the node's cache or prepared from the dataset
+    model_s    skeleton, LoRA surgery, filling it from the message and the saved state
+    train_s    the T local steps
+    reply_s    saving the worker's state and packing the reply
+    rss_peak_mib   the process's peak resident memory (VmHWM), MiB
+    cuda_peak_mib  torch.cuda.max_memory_allocated, MiB (0 without CUDA)
+    full_weights   full-precision W-shaped (m, n) tensors created while the model was built
+                   (lte_fed/worker.FullWeightWatch; -1 where it is not watched)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+COST_KEYS = ("start_s", "imports_s", "libs_s", "data_s", "model_s", "train_s", "reply_s", "rss_peak_mib",
+             "cuda_peak_mib", "full_weights")
+TIME_KEYS = COST_KEYS[:7]
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; 0.0 where that cannot be read)."""
+    try:
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return max(uptime - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmHWM: peak resident set; VmRSS: now); 0 if unknown."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def peak_memory() -> dict[str, float]:
+    """The process's peak resident memory and (if torch already uses CUDA) its CUDA peak, MiB."""
+    cuda = 0.0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = torch.cuda.max_memory_allocated() / 2**20
+    return {"rss_peak_mib": round(status_kib("VmHWM") / 1024, 1), "cuda_peak_mib": round(cuda, 1)}
+
+
+class Stopwatch:
+    """Laps of wall time by name: `with watch("data"): ...` adds to data_s."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        return _Lap(self, name)
+
+
+class _Lap:
+    def __init__(self, watch: Stopwatch, name: str):
+        self.watch, self.name = watch, name
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        key = f"{self.name}_s"
+        self.watch.laps[key] = self.watch.laps.get(key, 0.0) + time.perf_counter() - self.t0
+
+
+def round_costs(per_head: dict[int, dict]) -> dict[str, float]:
+    """The round's row: for every cost key any head reported, its largest value over the heads
+    (`client_<key>`), plus the process overhead of the slowest worker — its wall time outside
+    training (`client_overhead_s`)."""
+    out: dict[str, float] = {}
+    for key in COST_KEYS:
+        vals = [float(m[key]) for m in per_head.values() if isinstance(m.get(key), (int, float))]
+        if vals:
+            out[f"client_{key}"] = round(max(vals), 3)
+    walls = [sum(float(m.get(k, 0.0)) for k in TIME_KEYS if k != "imports_s") for m in per_head.values()]
+    if walls:
+        slowest = max(per_head.values(), key=lambda m: sum(float(m.get(k, 0.0)) for k in TIME_KEYS
+                                                             if k != "imports_s"))
+        out["client_overhead_s"] = round(max(walls) - float(slowest.get("train_s", 0.0)), 3)
+    return out
+
+
+def costs_line(rnd: int, head: int, m: dict) -> str:
+    """One head's costs for the server log."""
+    t = " ".join(f"{k[:-2]} {float(m[k]):.2f}" for k in TIME_KEYS if k in m)
+    return (f"round {rnd}: head {head} cost {t} s; peak RSS {float(m.get('rss_peak_mib', 0)):.0f} MiB"
+            + (f", CUDA {float(m['cuda_peak_mib']):.0f} MiB" if m.get("cuda_peak_mib") else ""))

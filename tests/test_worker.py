@@ -1,0 +1,104 @@
+"""The worker's build (lte_fed/worker.py): a head from the meta-device skeleton is the head a full
+model gives, without a full-precision W ever created; the shard cache gives the same batches and
+survives damage; the FedAvg worker takes the received weights as its own."""
+
+from __future__ import annotations
+
+import torch
+
+from lte_fed import costs
+from lte_fed import worker as W
+from lte_fed.job import batch_source, lte_config, setup
+from lte_fed.lte import HeadLTE
+from lte_fed.spec import Spec
+
+
+def spec(**over) -> Spec:
+    d = {"data": {"name": "synthetic", "synthetic_size": 96}, "model": {"name": "vit_digits"},
+         "lte": {"heads": 3, "rank": 4}, "train": {"batch_size": 12}, "quant": {"base": "nf4"}}
+    for k, v in over.items():
+        d[k] = d.get(k, {}) | v
+    return Spec.from_dict(d)
+
+
+def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_created(tmp_path):
+    s = spec()
+    full = setup(s)
+    job, _ = W.node_data(s, 1, tmp_path)
+    shapes = W.lora_shapes_of(job)
+    assert (192, 64) in shapes and all(p.is_meta for p in job.plain.parameters())
+    for head in (0, 2):
+        ref = HeadLTE(full.plain, lte_config(s), head)
+        with W.FullWeightWatch(shapes) as watch:
+            model = W.head_model(job, head)
+            W.fill_head(model, ref.base_state(), ref.replica_state())
+        assert watch.count == 0, watch.seen
+        got, want = model.head_state(with_corr=True), ref.head_state(with_corr=True)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)  # A from (seed, head)
+        assert all(torch.equal(a, b) for a, b in zip(model.base_state().values(), ref.base_state().values()))
+        assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+        x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(head))
+        assert torch.equal(model(x), ref(x))
+    # the watch does see a full-precision W: parameterizing the full model quantizes it
+    with W.FullWeightWatch(shapes) as watch:
+        HeadLTE(full.plain, lte_config(s), 0)
+    assert watch.count > 0
+
+
+def test_a_message_without_the_whole_base_is_refused(tmp_path):
+    s = spec()
+    job, _ = W.node_data(s, 0, tmp_path)
+    ref = HeadLTE(setup(s).plain, lte_config(s), 0)
+    base = dict(ref.base_state())
+    base.pop(next(iter(base)))
+    model = W.head_model(job, 0)
+    try:
+        W.fill_head(model, base, ref.replica_state())
+    except KeyError as e:
+        assert "lacks 1 tensor" in str(e)
+    else:
+        raise AssertionError("a base with a tensor missing was accepted")
+
+
+def test_the_cached_shard_gives_the_same_batches_and_a_damaged_one_is_rebuilt(tmp_path):
+    for s in (spec(), spec(data={"partition": "dirichlet", "alpha": 0.5}, train={"batch_size": 12})):
+        whole = batch_source(setup(s))
+        for head in range(3):
+            (_, src), (_, again) = W.node_data(s, head, tmp_path), W.node_data(s, head, tmp_path)
+            for step in (0, 7, 50):
+                for got in (src, again):
+                    xa, ya = whole.batch(head, step, torch.device("cpu"))
+                    xb, yb = got.batch(head, step, torch.device("cpu"))
+                    assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    files = sorted((tmp_path / W.SHARDS).glob("*.safetensors"))
+    assert len(files) == 6 and not list((tmp_path / W.SHARDS).glob("*.tmp"))
+    s = spec()
+    key = W.shard_key(s, 2)
+    for f in files:  # find head 2's file of the iid spec, then cut it in half
+        if W._read_shard(f, key) is not None:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+            break
+    _, src = W.node_data(s, 2, tmp_path)  # rebuilt, not trusted
+    xa, _ = batch_source(setup(s)).batch(2, 3, torch.device("cpu"))
+    assert torch.equal(src.batch(2, 3, torch.device("cpu"))[0], xa)
+    assert W._read_shard(f, key) is not None
+
+
+def test_the_fedavg_worker_takes_the_received_weights_as_they_are(tmp_path):
+    s = Spec.from_dict(spec().to_dict() | {"method": "fedavg"})
+    state = {k: v.clone() for k, v in setup(s).plain.state_dict().items()}
+    job, _ = W.node_data(s, 0, tmp_path)
+    model = W.plain_model(job, state)
+    got = model.state_dict()
+    assert all(got[k].data_ptr() == state[k].data_ptr() for k in state)  # no copy, no random model
+
+
+def test_round_costs_take_the_worst_head():
+    per_head = {0: {"start_s": 4.0, "data_s": 0.5, "model_s": 1.0, "train_s": 10.0, "reply_s": 0.2,
+                    "rss_peak_mib": 700.0, "full_weights": 0},
+                1: {"start_s": 5.0, "data_s": 0.1, "model_s": 1.0, "train_s": 12.0, "reply_s": 0.3,
+                    "rss_peak_mib": 650.0, "full_weights": 0}}
+    row = costs.round_costs(per_head)
+    assert row["client_train_s"] == 12.0 and row["client_rss_peak_mib"] == 700.0 and row["client_start_s"] == 5.0
+    assert row["client_overhead_s"] == round(5.0 + 0.1 + 1.0 + 0.3, 3)  # the slowest worker's non-training time
+    assert costs.round_costs({}) == {}
