@@ -60,3 +60,12 @@ def tagged_processes(tag: str) -> list[str]:
         if state != "Z":  # an exited process not reaped yet runs nothing
             found.append(f"{entry.name} {cmd[:200]}")
     return found
+
+
+def interruptible() -> None:
+    """Popen's preexec_fn for a child the test will Ctrl-C: SIGINT back to its default action.
+    A test suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and
+    Python then never turns it into KeyboardInterrupt — the run would just go on."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

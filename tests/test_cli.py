@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import TAG, tagged_processes
+from .helpers import TAG, interruptible, tagged_processes
 
 QUICK = ["data.name=synthetic", "data.synthetic_size=256", "lte.heads=2", "lte.rank=4", "lte.merge_every=3",
          "train.batch_size=16", "train.steps=6", "train.warmup=2", "run.progress=false", "run.device=cpu"]
@@ -26,7 +26,7 @@ def lte_fed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def lte_fed_started(*args: str, cwd: Path, tag: str) -> subprocess.Popen:
     """`lte-fed` in the background; `tag` marks every process it starts (helpers.TAG)."""
     return subprocess.Popen([sys.executable, "-m", "app.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env() | {TAG: tag})
+                            stderr=subprocess.PIPE, text=True, env=_env() | {TAG: tag}, preexec_fn=interruptible)
 
 
 def _env():

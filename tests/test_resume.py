@@ -16,7 +16,7 @@ import pytest
 
 from lte_fed.rundir import RunDir
 
-from .helpers import max_abs_diff, model_of
+from .helpers import interruptible, max_abs_diff, model_of
 
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.timeout(900)
@@ -31,7 +31,8 @@ def job(engine: str, method: str, steps: int) -> list[str]:
 def lte_fed(args: list[str], out: Path, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:  # a session of its own: Ctrl-C goes to its process group, as a terminal's would
         return subprocess.Popen([str(BIN / "lte-fed"), *args, f"run.out={out}"], stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                preexec_fn=interruptible)
 
 
 def rounds_logged(out: Path) -> int:
