@@ -1,9 +1,11 @@
-"""The Flower ClientApp: one LTE head per message (and the full-model FedAvg baseline client).
+"""The Flower ClientApp: a node's LTE heads, stacked, per message (and the full-model FedAvg
+baseline client).
 
-A TRAIN message for LTE names the head to train and carries q(W), the merged replicas and the
-run spec (protocol.py); the config's "source" says where the head's state comes from (see
-strategies/lte_strategy.py). The worker holds only the quantized base and that head. It keeps
-the head (A, B, V) and its AdamW state between rounds on disk, under its state dir (node config
+A TRAIN message for LTE names the heads to train and carries q(W), the merged replicas and the
+run spec (protocol.py); the config's "sources" say where each head's state comes from (see
+strategies/lte_strategy.py). The node holds the quantized base once and its k heads stacked on
+it (lte_fed/node.py). It keeps each head (A, B, V) and its AdamW moments between rounds on disk,
+under its state dir (node config
 `state-dir`; in simulation `<run dir>/client-state`), by run id, head and round, in safetensors:
 a restarted node, or a resumed server, finds it there.
 """
@@ -21,7 +23,8 @@ from flwr.clientapp import ClientApp
 
 from lte_fed import protocol as P
 from lte_fed.job import batch_source, lte_config, setup
-from lte_fed.lte import HeadLTE
+from lte_fed.lte import StackedLTE
+from lte_fed.node import head_optimizer_state, load_head_optimizer_states, train_heads
 from lte_fed.rundir import CLIENT_STATE
 from lte_fed.spec import Spec
 from lte_fed.train import (load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, prefixed, train_head,
@@ -49,19 +52,26 @@ def _job(spec_json: str):
     return spec, job, batch_source(job)
 
 
-@lru_cache(maxsize=8)
-def _head_model(spec_json: str, head: int) -> HeadLTE:
-    spec, job, _ = _job(spec_json)
-    model = HeadLTE(job.plain, lte_config(spec), head).to(job.device)
-    model.init_state = {k: t.clone() for k, t in model.head_state(with_corr=True).items()}
-    return model
+def node_capacity(node_config) -> dict:
+    """What this node tells the server (node ids are random per run): its partition-id (the
+    order nodes are filled in) and what it declares it can carry: `heads`, `rank`, `memory-gb`
+    (0 where not declared)."""
+    out = {"partition-id": int(_need(node_config, "partition-id", "node config"))}
+    for key, kind in (("heads", int), ("rank", int), ("memory-gb", float)):
+        value = node_config.get(key, 0)
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ClientConfigError(f"node config {key}={value!r} is not a number") from None
+        if out[key] < 0:
+            raise ClientConfigError(f"node config {key}={value!r} must be >= 0")
+    return out
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random per run)."""
-    pid = int(_need(context.node_config, "partition-id", "node config"))
-    return Message(RecordDict({P.CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+    """Tell the server this node's partition and capacity (`node_capacity`)."""
+    return Message(RecordDict({P.CONFIG: ConfigRecord(node_capacity(context.node_config))}), reply_to=msg)
 
 
 @app.train()
@@ -87,54 +97,84 @@ def _node_spec_json(spec_json: str, node_config) -> str:
 
 # ------------------------------------------------------------------------------------ LTE
 def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, config) -> Message:
-    head, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
+    """Train this node's heads (config "heads") stacked on one q(W); reply one record pair per head."""
+    heads = [int(h) for h in _need(config, "heads", "train config")]
+    sources, committed = list(_need(config, "sources", "train config")), list(_need(config, "committed", "train config"))
+    rnd, state_round = int(_need(config, "round", "train config")), int(_need(config, "state_round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
     _, job, src = _job(spec_json)
-    model = _head_model(spec_json, head)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
-    store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
-    _load_head(model, opt, store, msg, config)
+    model = _node_model(spec_json, tuple(heads))
+    opt = make_optimizer(model.head_params(), spec.lr, spec.train.weight_decay)
+    run_id = str(_need(config, "run_id", "train config"))
+    stores = [StateFiles(context, spec, run_id, f"head-{h}") for h in heads]
+    restore = msg.content[P.RESTORE].to_torch_state_dict() if P.RESTORE in msg.content else {}
+    opt_states = [_load_head(model, i, stores[i], sources[i], bool(committed[i]), unprefixed(str(h), restore),
+                             state_round) for i, h in enumerate(heads)]
+    load_head_optimizer_states(opt, model.head_params(), opt_states)
     model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
-    model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+    model.load_replicas(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
-                        precision=spec.run.precision)
-    store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)))
+    t0 = time.perf_counter()
+    losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
+                         precision=spec.run.precision)
+    train_s = time.perf_counter() - t0
+    keep_from = int(config.get("keep_from", 0))
+    for i, store in enumerate(stores):
+        store.save(P.wire(model.head_state(i, with_corr=True)), head_optimizer_state(opt, i), rnd, keep_from)
+    pid = int(context.node_config.get("partition-id", -1))
+    records = {}
+    for i, h in enumerate(heads):
+        records[P.head_record(h)] = ArrayRecord(P.wire(_inject_fault(spec, h, rnd, model.head_state(i))))
+        records[P.metrics_record(h)] = MetricRecord({
+            "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
+            "num-examples": steps * src.per_head_batch, "train_s": train_s})
+    _slow_down(spec, heads, rnd, train_s)
+    return Message(RecordDict(records), reply_to=msg)
 
-    reply = _inject_fault(spec, head, rnd, model.head_state())
-    metrics = {"head": head, "partition": int(context.node_config.get("partition-id", -1)),
-               "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch}
-    return Message(RecordDict({P.HEAD: ArrayRecord(P.wire(reply)), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+@lru_cache(maxsize=2)
+def _node_model(spec_json: str, heads: tuple[int, ...]) -> StackedLTE:
+    """This node's heads stacked on one base (built once per set of heads; states load per round)."""
+    spec, job, _ = _job(spec_json)
+    model = StackedLTE(job.plain, lte_config(spec), list(heads)).to(job.device)
+    model.init_state = [{k: t.clone() for k, t in model.head_state(i, with_corr=True).items()} for i in range(len(heads))]
+    return model
 
 
-def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", msg: Message, config) -> None:
-    """The head's state as the server's "source" says (strategies/lte_strategy.py)."""
-    source = str(_need(config, "source", "train config"))
+def _load_head(model: StackedLTE, i: int, store: "StateFiles", source: str, committed: bool,
+               restore: dict[str, torch.Tensor], state_round: int) -> dict[str, torch.Tensor] | None:
+    """Head slice i's state as the server's "source" says (strategies/lte_strategy.py); returns
+    its saved optimizer state, if it has one."""
     if source == "fresh":  # never trained: its init, drawn from (seed, head)
-        model.load_head_state(model.init_state)
-        return
+        model.load_head_state(i, model.init_state[i])
+        return None
     if source in ("local", "local-or-restore"):
-        saved = store.load(int(_need(config, "state_round", "train config")))
+        saved = store.load(state_round)
         if saved is not None:
-            model.load_head_state(unprefixed("head", saved))
-            load_optimizer_tensors(opt, unprefixed("opt", saved))
-            if bool(_need(config, "committed", "train config")):
-                model.commit_merge()  # our last update is in W now: V <- B A (exact) or B <- 0
-            return
-    if source in ("restore", "local-or-restore") and P.RESTORE in msg.content:
-        model.load_head_state(msg.content[P.RESTORE].to_torch_state_dict())  # as of its last merge; AdamW anew
-        return
-    raise ClientConfigError(f"{store.name}: no saved state for round {config.get('state_round')} on this node "
+            model.load_head_state(i, unprefixed("head", saved))
+            if committed:
+                model.commit_head(i)  # our last update is in W now: V <- B A (exact) or B <- 0
+            return unprefixed("opt", saved)
+    if source in ("restore", "local-or-restore") and restore:
+        model.load_head_state(i, restore)  # as of its last merge; AdamW anew
+        return None
+    raise ClientConfigError(f"{store.name}: no saved state for round {state_round} on this node "
                             f"and no {P.RESTORE!r} record (source {source!r})")
+
+
+def _fault_matches(spec: Spec, head: int, rnd: int) -> str | None:
+    """The fault kind of run.fault=KIND:HEAD:ROUND if it is for `head` in round `rnd`."""
+    if not spec.run.fault:
+        return None
+    kind, h, r = spec.run.fault.split(":")
+    return kind if int(h) == head and (r == "*" or int(r) == rnd) else None
 
 
 def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """run.fault=KIND:HEAD:ROUND (a testing aid): misbehave as a broken or vanished worker."""
-    if not spec.run.fault:
-        return reply
-    kind, h, r = spec.run.fault.split(":")
-    if (int(h), int(r)) != (head, rnd):
+    kind = _fault_matches(spec, head, rnd)
+    if kind is None or kind.startswith("slow"):
         return reply
     log.warning("injecting fault %r for head %d in round %d", kind, head, rnd)
     key = next(k for k in reply if k.endswith("lora_B"))
@@ -146,6 +186,16 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
         return reply | {key: reply[key][:-1].clone()}
     time.sleep(spec.run.round_timeout + 3)  # "hang": the server has given up on us by now
     return reply
+
+
+def _slow_down(spec: Spec, heads: list[int], rnd: int, train_s: float) -> None:
+    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD answers F x its training time late
+    (a slow device; the round deadline's test case)."""
+    for h in heads:
+        kind = _fault_matches(spec, h, rnd)
+        if kind is not None and kind.startswith("slow"):
+            time.sleep(float(kind[4:]) * train_s)
+            return
 
 
 class StateFiles:
@@ -168,11 +218,12 @@ class StateFiles:
     def _file(self, rnd: int) -> Path:
         return self.dir / f"{self.name}-r{rnd}.safetensors"
 
-    def save(self, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, rnd: int, keep_from: int) -> None:
+    def save(self, tensors: dict[str, torch.Tensor], opt: dict[str, torch.Tensor], rnd: int, keep_from: int) -> None:
+        """Save `tensors` and the optimizer state `opt` (flat tensors) as round `rnd`'s."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        flat = {k: t.contiguous() for k, t in (prefixed("head", tensors) | prefixed("opt", optimizer_tensors(opt))).items()}
+        flat = {k: t.contiguous() for k, t in (prefixed("head", tensors) | prefixed("opt", opt)).items()}
         tmp = self._file(rnd).with_suffix(".tmp")
         save_file(flat, str(tmp), metadata={"round": str(rnd)})
         tmp.replace(self._file(rnd))
@@ -209,7 +260,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                         precision=spec.run.precision)
-    store.save({}, opt, rnd, int(config.get("keep_from", 0)))
+    store.save({}, optimizer_tensors(opt), rnd, int(config.get("keep_from", 0)))
     metrics = {"head": worker, "train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch}
     return Message(RecordDict({P.WEIGHTS: ArrayRecord(P.wire(model.state_dict())), P.METRICS: MetricRecord(metrics)}),
                    reply_to=msg)

@@ -103,7 +103,7 @@ class FusedRun:
         if s.method == "full":
             clip_per_head(self.params, s.train.clip, heads=1)
         else:
-            clip_per_head(self.params, s.train.clip, heads=self.model.cfg.heads)
+            clip_per_head(self.params, s.train.clip, heads=self.model.n_heads)
         self.opt.step()
         self.step += 1
         return per_head.mean().item()

@@ -143,13 +143,15 @@ class RoundMerge:
     def expect(self, head: int, node: int) -> None:
         self.sent[head] = node
 
-    def receive(self, head: int, content=None, error: str | None = None) -> str | None:
-        """Screen one reply for `head`; returns why it was rejected, or None if it was kept."""
+    def receive(self, head: int, content=None, error: str | None = None, *, arrays: str = P.HEAD,
+                metrics: str = P.METRICS) -> str | None:
+        """Screen one reply for `head` (its records `arrays`, `metrics`: a node's reply carries
+        one pair per head); returns why it was rejected, or None if it was kept."""
         if head not in self.sent:
             return self._reject(None, head, "reply for a head not sent this round")
         if head in self.got or head in self.rejected:
             return self._reject(None, head, "a second answer for this head (the first one counts)")
-        verdict = P.screen_reply(content, self.layout, head, error)
+        verdict = P.screen_reply(content, self.layout, head, error, arrays=arrays, metrics=metrics)
         if verdict.reason is not None:
             return self._reject(head, head, verdict.reason)
         self.got[head] = (self.sent[head], verdict.state, verdict.train_loss)

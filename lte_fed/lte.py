@@ -28,7 +28,7 @@ from torch import nn
 
 from . import rng
 from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
-from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear
+from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors
 from .quant import check_format
 from .spec import LTESpec, QuantSpec, RunSpec
 
@@ -287,13 +287,20 @@ class StackedLTE(nn.Module):
     all heads, replicas are the mean of their copies.
     """
 
-    def __init__(self, model: nn.Module, cfg: LTEConfig):
+    def __init__(self, model: nn.Module, cfg: LTEConfig, head_ids: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
-        N = cfg.heads
+        # The global ids of the heads held here, in slice order (default: all N). Head n's A is
+        # drawn from (seed, n) whatever else is held, so a node with heads {4..7} starts them as
+        # the fused engine's slices 4..7.
+        self.head_ids = list(range(cfg.heads)) if head_ids is None else [int(h) for h in head_ids]
+        if not self.head_ids or len(set(self.head_ids)) != len(self.head_ids) or \
+                not all(0 <= h < cfg.heads for h in self.head_ids):
+            raise ValueError(f"head ids {self.head_ids} must be distinct and in 0..{cfg.heads - 1}")
+        N = len(self.head_ids)
         net = copy.deepcopy(model)
         self.plan = plan(net, cfg.keep_norm_affine)
-        gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in range(N)]
+        gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in self.head_ids]
         fold_bytes = 4 * N * sum(net.get_submodule(name).weight.numel() for name in self.plan.lora)
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
@@ -335,8 +342,13 @@ class StackedLTE(nn.Module):
             if isinstance(m, _STACKED_OWNERS):
                 m.mode = mode
 
+    @property
+    def n_heads(self) -> int:
+        """Heads held here (the slices of a batch)."""
+        return len(self.head_ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N = self.cfg.heads
+        N = self.n_heads
         if self.mode == "split" and x.shape[0] % N:
             raise ValueError(f"batch of {x.shape[0]} does not split into {N} heads")
         for owner_name, attr in self._slots:
@@ -385,6 +397,42 @@ class StackedLTE(nn.Module):
         for name, p in self.replica_params().items():
             out[name] = p[n].detach().reshape(self.plan.replicas[name])
         return out
+
+    @torch.no_grad()
+    def load_head_state(self, n: int, state: dict[str, torch.Tensor]) -> None:
+        """Write head slice n from a state in `head_state`'s layout (corr_* optional; replicas
+        missing from `state` are left as they are)."""
+        for name, l in self.lora_layers().items():
+            l.lora_A[n].copy_(state[f"{name}.lora_A"])
+            l.lora_B[n].copy_(state[f"{name}.lora_B"])
+            if l.corr_A is not None and f"{name}.corr_A" in state:
+                l.corr_A[n].copy_(state[f"{name}.corr_A"])
+                l.corr_B[n].copy_(state[f"{name}.corr_B"])
+        self.load_replicas(state, [n])
+
+    @torch.no_grad()
+    def load_replicas(self, state: dict[str, torch.Tensor], slices: list[int] | None = None) -> None:
+        """Copy the replicas named in `state` (plain shapes) into the given head slices (all)."""
+        for name, p in self.replica_params().items():
+            if name in state:
+                for n in range(self.n_heads) if slices is None else slices:
+                    p[n].copy_(state[name].reshape(p[n].shape))
+
+    @torch.no_grad()
+    def commit_head(self, n: int) -> None:
+        """Head slice n's last update is in W now: V <- B A (exact) or B <- 0 (reset)."""
+        for l in self.lora_layers().values():
+            VA, VB = (None, None) if l.corr_A is None else (l.corr_A[n], l.corr_B[n])
+            commit_factors(l.lora_A[n], l.lora_B[n], VA, VB, l.variant)
+
+    @torch.no_grad()
+    def load_base_state(self, state: dict[str, torch.Tensor]) -> None:
+        """q(W) as the server sends it ("<linear>.base.<part>", `HeadLTE.base_state` names)."""
+        for name, l in self.lora_layers().items():
+            if l.base is None:  # full-precision base: the one part is W itself
+                l.weight.copy_(state[f"{name}.base.weight"])
+            else:
+                l.base.set_parts({k: state[f"{name}.base.{k}"] for k in l.base.parts()})
 
     @torch.no_grad()
     def plain_state(self) -> dict[str, torch.Tensor]:

@@ -110,6 +110,15 @@ class RunSpec:
     client_cpus: float = 1.0  # flower engine: CPUs per virtual node
     client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
     min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
+    # flower engine, simulation: virtual nodes sharing the N heads (each trains its share stacked,
+    # as the fused engine does). 0: as many as the machine runs in parallel (CPU cores /
+    # run.client_cpus, or GPUs / run.client_gpus), at most lte.heads. In a deployment: the
+    # nodes the server waits for before round 1 (0: until their capacity covers lte.heads).
+    nodes: int = 0
+    # flower engine: seconds after which a round merges the heads that arrived (0: wait for all,
+    # up to run.round_timeout); a late head's update is dropped and it restarts from the
+    # server's state.
+    round_deadline: float = 0.0
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
     # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
     # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
@@ -117,8 +126,9 @@ class RunSpec:
     max_update_ratio: float = 10.0
     max_update_outlier: float = 20.0
     # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
-    # client fails), nan (replies NaN factors), shape (replies a wrong shape), hang (replies
-    # only after the round timed out, as a node gone for that round).
+    # client fails: every head of its node), nan (replies NaN factors), shape (replies a wrong
+    # shape), hang (replies only after the round timed out, as a node gone for that round),
+    # slow<F> (the node sleeps F times its training time before replying; ROUND * = every round).
     fault: str | None = None
     progress: bool = True
     verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
@@ -249,6 +259,14 @@ def _check_types(node, prefix: str = "") -> None:
             raise SpecError(f"{key}: must be {want}, got {v!r}")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def validate(s: Spec) -> Spec:
     """Raise SpecError naming the first bad key; returns `s` for chaining."""
     from .data import DATASETS, TEXT_DATASETS
@@ -314,10 +332,18 @@ def validate(s: Spec) -> Spec:
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
     if s.method == "mhlora":
         _need(s.run.engine == "fused", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
+    _need(s.run.nodes >= 0, "run.nodes", f"must be an integer >= 0 (0: as many as run in parallel), got {s.run.nodes!r}")
+    if s.method == "lte":
+        _need(s.run.nodes <= s.lte.heads, "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: every node "
+              "trains at least one head")
+    _need(s.run.round_deadline >= 0, "run.round_deadline", f"must be >= 0 (0: none), got {s.run.round_deadline!r}")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")
-        _need(kind in ("raise", "nan", "shape", "hang") and len(rest) == 2 and all(r.isdigit() for r in rest),
-              "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang")
+        slow = kind.startswith("slow") and _is_number(kind[4:]) and float(kind[4:]) > 0
+        _need((kind in ("raise", "nan", "shape", "hang") or slow) and len(rest) == 2 and rest[0].isdigit()
+              and (rest[1].isdigit() or slow and rest[1] == "*"),
+              "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang|slow<factor> "
+              "(slow may take ROUND *)")
     if s.data.name == "imagefolder":
         _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
     return s

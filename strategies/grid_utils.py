@@ -15,6 +15,8 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from lte_fed.placement import NodeInfo, assign
+
 log = logging.getLogger("lte_fed.server")
 POLL_S = 0.2
 
@@ -55,14 +57,16 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
 
 
 class PartitionMap:
-    """partition-id <-> node id, and the round's head -> node assignment."""
+    """partition-id <-> node id, what each node declared it can carry, and the round's
+    head -> node placement (lte_fed/placement.py)."""
 
     def __init__(self):
         self.node_of: dict[int, int] = {}  # partition-id -> node id
+        self.info: dict[int, NodeInfo] = {}  # node id -> its partition and declared capacity
         self.known: set[int] = set()
 
     def discover(self, grid: Grid, timeout: float) -> None:
-        """Ask every node not seen yet for its partition-id."""
+        """Ask every node not seen yet for its partition-id and capacity."""
         new = [n for n in grid.get_node_ids() if n not in self.known]
         if not new:
             return
@@ -71,23 +75,36 @@ class PartitionMap:
             if reply.has_error():
                 continue
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
-            self.node_of[int(reply.content["config"]["partition-id"])] = node
+            c = reply.content["config"]
+            pid = int(c["partition-id"])
+            self.node_of[pid] = node
+            self.info[node] = NodeInfo(node, pid, int(c.get("heads", 0)), int(c.get("rank", 0)),
+                                       float(c.get("memory-gb", 0.0)))
             self.known.add(node)
 
-    def assign(self, heads: int, alive: set[int]) -> dict[int, int]:
-        """Head n -> the node of partition n if alive; orphaned heads go to free alive nodes
-        first, then to the least busy ones (a node may train several heads in a round)."""
-        out = {n: self.node_of[n] for n in range(heads) if self.node_of.get(n) in alive}
-        busy = {node: 0 for node in alive}
-        for node in out.values():
-            busy[node] += 1
-        for n in range(heads):
-            if n in out or not busy:
-                continue
-            node = min(sorted(busy), key=lambda k: busy[k])
-            out[n] = node
-            busy[node] += 1
-        return dict(sorted(out.items()))
+    def nodes(self, alive: set[int]) -> list[NodeInfo]:
+        return [self.info[n] for n in sorted(alive) if n in self.info]
+
+    def assign(self, heads: int, alive: set[int], holders: dict[int, int | None] | None = None,
+               declared: dict[int, int] | None = None) -> dict[int, int]:
+        """head -> alive node (`placement.assign`: heads stay where their state is, the rest fill
+        the nodes in partition order up to their capacity)."""
+        return assign(heads, self.nodes(alive), holders or {}, declared)
+
+
+def wait_for_capacity(grid: Grid, partitions: PartitionMap, heads: int, capacity, timeout: float) -> None:
+    """Wait until the registered nodes can carry `heads` heads (`capacity(nodes)` says how many
+    they carry), asking every new node what it declares."""
+    deadline = time.monotonic() + timeout
+    while True:
+        partitions.discover(grid, timeout)
+        alive = set(grid.get_node_ids())
+        have = capacity(partitions.nodes(alive))
+        if have >= heads:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {len(alive)} registered node(s) carry {have} of {heads} heads after {timeout:.0f} s")
+        time.sleep(POLL_S)
 
 
 class CountingGrid(Grid):

@@ -1,9 +1,10 @@
 """LTEStrategy: LoRA-the-Explorer as a Flower strategy (the server side of one LTE round).
 
 The server holds the full-precision base W, the merged replicas and the head ledger
-(lte_fed/ledger.py). Each round it broadcasts q(W), sends head n to the node holding partition
-n (or, when that node is gone, to a free or the least busy node, with the head's state), and
-merges what came back through `RoundMerge`: every reply is screened by the protocol gate and the
+(lte_fed/ledger.py). Each round it places the heads on the nodes by their capacity
+(lte_fed/placement.py: a head stays where its state is; when its node is gone it moves to a node
+with room, with its state from the server), sends each node one message with q(W) and all its
+heads, and merges what came back through `RoundMerge`: every reply is screened by the protocol gate and the
 update-size guard, the merge is checked finite before it is committed, and a rejected head
 falls back to the server's copy.
 
@@ -34,11 +35,12 @@ from lte_fed.convert import to_original_state
 from lte_fed.job import Job, lte_config
 from lte_fed.ledger import Guard, HeadLedger, RoundMerge
 from lte_fed.lte import HeadLTE, plan
+from lte_fed.placement import by_node
 from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
-from .grid_utils import PartitionMap, message_bytes, reply_bytes
+from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -65,6 +67,7 @@ class LTEStrategy(RoundLoop):
         self._sent: list[Message] = []  # this round's messages
         self.bytes_up = self.bytes_down = 0
         self.round_loss, self.alignment = float("nan"), {}
+        self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "rank": r}]
 
     def summary(self) -> None:
         c = self.cfg
@@ -81,28 +84,50 @@ class LTEStrategy(RoundLoop):
         spec_json = P.spec_to_json(s.to_dict())
         self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout, scale=self.cfg.scale,
                                  variant=self.cfg.variant, guard=self.guard)
-        msgs = []
-        for head, node in self.partitions.assign(self.cfg.heads, set(grid.get_node_ids())).items():
-            rec, content = self.ledger[head], {P.BASE: base, P.REPLICAS: replicas}
-            source = self._source(head, node)
-            if source in ("restore", "local-or-restore"):
-                content[P.RESTORE] = ArrayRecord(P.wire(rec.state))
-            if source == "restore" and server_round > 1:
-                log.warning("round %d: head %d goes to node %d with its state from the server", server_round, head, node)
-            content[P.CONFIG] = ConfigRecord({
-                "head": head, "start_step": start, "steps": steps, "round": server_round, "spec": spec_json,
-                "run_id": self.run_id, "source": source, "committed": rec.committed,
-                "state_round": server_round - 1, "keep_from": self.checkpointed,
-            })
-            msg = Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
-            msgs.append(msg)
-            self._round.expect(head, node)
+        holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
+        placed = by_node(self.partitions.assign(self.cfg.heads, set(grid.get_node_ids()), holders))
+        msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
+                for node, heads in placed.items()]
         for head in sorted(set(range(self.cfg.heads)) - set(self._round.sent)):
-            log.warning("round %d: no node available for head %d; it waits", server_round, head)
+            log.warning("round %d: no node has room for head %d; it waits", server_round, head)
+        self.placement = [{"node": self.partitions.info[node].partition, "heads": heads, "rank": self.cfg.rank}
+                          for node, heads in placed.items()]
         self.trust_local = set()
         self.bytes_down = sum(message_bytes(m) for m in msgs)
         self._sent = msgs
         return msgs
+
+    def _train_message(self, rnd: int, node: int, heads: list[int], base: ArrayRecord, replicas: ArrayRecord,
+                       spec_json: str, start: int, steps: int) -> Message:
+        """One node's TRAIN message: q(W) and the replicas once, every head's source, and the
+        server's state of the heads it must take over (protocol.py)."""
+        content, restore = {P.BASE: base, P.REPLICAS: replicas}, {}
+        sources = [self._source(h, node) for h in heads]
+        for h, source in zip(heads, sources):
+            if source in ("restore", "local-or-restore"):
+                restore |= prefixed(str(h), P.wire(self.ledger[h].state))
+            if source == "restore" and rnd > 1:
+                log.warning("round %d: head %d goes to node %d with its state from the server", rnd, h, node)
+            self._round.expect(h, node)
+        if restore:
+            content[P.RESTORE] = ArrayRecord(restore)
+        content[P.CONFIG] = ConfigRecord({
+            "heads": heads, "sources": sources, "committed": [self.ledger[h].committed for h in heads],
+            "start_step": start, "steps": steps, "round": rnd, "spec": spec_json, "run_id": self.run_id,
+            "state_round": rnd - 1, "keep_from": self.checkpointed,
+        })
+        return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
+
+    def wait_for_workers(self, grid: Grid, timeout: float) -> None:
+        """run.nodes nodes if set, else until the nodes' capacity covers every head (a node that
+        declares nothing counts for one head)."""
+        nodes = self.spec.run.nodes
+        wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads,
+                          len if nodes else lambda infos: sum(i.heads or 1 for i in infos), timeout)
+
+    def round_record(self) -> dict:
+        """Which node (partition-id) trained which heads at which rank this round."""
+        return {"placement": self.placement}
 
     def _source(self, head: int, node: int) -> str:
         rec = self.ledger[head]
@@ -114,18 +139,21 @@ class LTEStrategy(RoundLoop):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
         self.bytes_up = 0
-        answered: set[int] = set()
-        ids = {m.metadata.message_id: int(m.content[P.CONFIG]["head"]) for m in self._sent}  # set once pushed
+        answered: set[str] = set()
+        ids = {m.metadata.message_id: m for m in self._sent}  # set once pushed
         for reply in replies:
-            head = ids.get(reply.metadata.reply_to_message_id)
-            if head is None:
+            sent = ids.get(reply.metadata.reply_to_message_id)
+            if sent is None:
                 log.warning("round %d: a reply to an unknown message was ignored", server_round)
                 continue
-            if head not in answered:  # a duplicate moved no new information: count its bytes once
+            heads = [int(h) for h in sent.content[P.CONFIG]["heads"]]
+            if sent.metadata.message_id not in answered:  # a duplicate moved no new information: count its bytes once
                 self.bytes_up += reply_bytes(reply)
-            answered.add(head)
+            answered.add(sent.metadata.message_id)
             error = reply.error.reason if reply.has_error() else None
-            self._round.receive(head, None if error is not None else reply.content, error)
+            for h in heads:  # each head is screened on its own: a bad one is refused alone
+                self._round.receive(h, None if error is not None else reply.content, error,
+                                    arrays=P.head_record(h), metrics=P.metrics_record(h))
         if self.spec.train.log_alignment and len(self._round.got) > 1:
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})
         result = self._round.close(self.spec.run.min_heads)

@@ -49,7 +49,7 @@ class RoundLoop(Strategy):
         self.eval_model = copy.deepcopy(self.job.plain).to(self.job.device)
         result = Result()
         if self.round < num_rounds:
-            wait_for_nodes(grid, s.lte.heads, timeout)
+            self.wait_for_workers(grid, timeout)
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since
@@ -67,6 +67,14 @@ class RoundLoop(Strategy):
         self.finish()
         return result
 
+    def wait_for_workers(self, grid: Grid, timeout: float) -> None:
+        """Before round 1: one node per worker (LTEStrategy waits for capacity instead)."""
+        wait_for_nodes(grid, self.spec.lte.heads, timeout)
+
+    def round_record(self) -> dict:
+        """Extra fields of this round's metrics row (LTEStrategy: the placement)."""
+        return {}
+
     def log_round(self, rnd: int, metrics: MetricRecord) -> dict:
         s = self.spec
         self.eval_model.load_state_dict(self.plain_state())
@@ -74,7 +82,7 @@ class RoundLoop(Strategy):
         step = min(rnd * s.merge_every, s.train.steps)
         row = {"round": rnd, **progress(self.job, step), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
-               "merged_heads": int(metrics["merged_heads"]), **self.alignment}
+               "merged_heads": int(metrics["merged_heads"]), **self.alignment, **self.round_record()}
         self.alignment = {}
         self.dir.append_metrics(row)
         log.info("round %d: merged %d of %d, train loss %s, %s, up %d B, down %d B", rnd,
