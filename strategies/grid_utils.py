@@ -18,7 +18,8 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from lte_fed.placement import NodeInfo, assign
 
 log = logging.getLogger("lte_fed.server")
-POLL_S = 0.2
+POLL_S = 0.2  # the longest wait between two pulls
+MIN_POLL_S, POLL_SHARE = 0.005, 0.05
 
 
 def message_bytes(msg: Message) -> int:
@@ -42,17 +43,27 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
         time.sleep(POLL_S)
 
 
+def poll_interval(waited: float) -> float:
+    """Seconds to sleep before the next pull, `waited` seconds after the push: a fixed share
+    (POLL_SHARE) of the time waited so far, within [MIN_POLL_S, POLL_S]. A reply is then seen
+    at most POLL_SHARE late (a fixed 0.2 s poll added half of that to every round, 10-25% of a
+    sub-second round), while a long round still pulls only every POLL_S."""
+    return min(POLL_S, max(MIN_POLL_S, POLL_SHARE * waited))
+
+
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Push, then pull until every message has a reply or `timeout` passes."""
     ids = [i for i in grid.push_messages(messages) if i]
     waiting, replies = set(ids), []
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     while waiting and time.monotonic() < deadline:
         got = list(grid.pull_messages(list(waiting)))
         replies.extend(got)
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if waiting:
-            time.sleep(POLL_S)
+            now = time.monotonic()
+            time.sleep(max(0.0, min(poll_interval(now - start), deadline - now)))
     return replies
 
 
@@ -76,11 +87,14 @@ class PartitionMap:
                 continue
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
             c = reply.content["config"]
-            pid = int(c["partition-id"])
-            self.node_of[pid] = node
-            self.info[node] = NodeInfo(node, pid, int(c.get("heads", 0)), int(c.get("rank", 0)),
-                                       float(c.get("memory-gb", 0.0)))
-            self.known.add(node)
+            self.add(NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
+                              float(c.get("memory-gb", 0.0))))
+
+    def add(self, info: NodeInfo) -> None:
+        """Record a node's answer (`discover` does this for every new node)."""
+        self.node_of[info.partition] = info.node
+        self.info[info.node] = info
+        self.known.add(info.node)
 
     def nodes(self, alive: set[int]) -> list[NodeInfo]:
         return [self.info[n] for n in sorted(alive) if n in self.info]

@@ -50,11 +50,12 @@ class RoundLoop(Strategy):
         result = Result()
         if self.round < num_rounds:
             self.wait_for_workers(grid, timeout)
+        first = self.round + 1
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since
             msgs = list(self.configure_train(rnd, None, ConfigRecord(), grid))
-            replies = send_and_receive(grid, msgs, s.run.round_timeout)
+            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first))
             _, metrics = self.aggregate_train(rnd, replies)
             self.round = rnd
             self.wall += time.perf_counter() - t0
@@ -99,6 +100,16 @@ class RoundLoop(Strategy):
         summary = build_summary(s, self.dir.read_metrics(), self.job, run_id=self.run_id)
         self.dir.write_summary(summary)
         return summary
+
+
+def round_wait(spec: Spec, rnd: int, first: int) -> float:
+    """Seconds round `rnd` waits for replies: run.round_deadline if set (the heads that answered
+    by then are merged, the others restart from the server's state), else run.round_timeout.
+    The server's first round (`first`) waits up to the timeout: it includes every node's start-up
+    (data, model), which is no node's slowness."""
+    if spec.run.round_deadline and rnd > first:
+        return min(spec.run.round_deadline, spec.run.round_timeout)
+    return spec.run.round_timeout
 
 
 def out_dir(spec: Spec) -> Path:
