@@ -102,15 +102,17 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     sources, committed = list(_need(config, "sources", "train config")), list(_need(config, "committed", "train config"))
     rnd, state_round = int(_need(config, "round", "train config")), int(_need(config, "state_round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
+    ranks = [int(r) for r in _need(config, "ranks", "train config")]
     _, job, src = _job(spec_json)
-    model = _node_model(spec_json, tuple(heads))
+    model = _node_model(spec_json, tuple(heads), tuple(ranks))
     opt = make_optimizer(model.head_params(), spec.lr, spec.train.weight_decay)
     run_id = str(_need(config, "run_id", "train config"))
     stores = [StateFiles(context, spec, run_id, f"head-{h}") for h in heads]
     restore = msg.content[P.RESTORE].to_torch_state_dict() if P.RESTORE in msg.content else {}
     opt_states = [_load_head(model, i, stores[i], sources[i], bool(committed[i]), unprefixed(str(h), restore),
                              state_round) for i, h in enumerate(heads)]
-    load_head_optimizer_states(opt, model.head_params(), opt_states)
+    cuts = [model.head_cuts(i) for i in range(len(heads))]
+    load_head_optimizer_states(opt, model.head_params(), opt_states, cuts)
     model.load_base_state(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
     model.load_replicas(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
 
@@ -121,7 +123,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     train_s = time.perf_counter() - t0
     keep_from = int(config.get("keep_from", 0))
     for i, store in enumerate(stores):
-        store.save(P.wire(model.head_state(i, with_corr=True)), head_optimizer_state(opt, i), rnd, keep_from)
+        store.save(P.wire(model.head_state(i, with_corr=True)), head_optimizer_state(opt, i, cuts[i]), rnd, keep_from)
     pid = int(context.node_config.get("partition-id", -1))
     records = {}
     for i, h in enumerate(heads):
@@ -134,10 +136,11 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
 
 
 @lru_cache(maxsize=2)
-def _node_model(spec_json: str, heads: tuple[int, ...]) -> StackedLTE:
-    """This node's heads stacked on one base (built once per set of heads; states load per round)."""
+def _node_model(spec_json: str, heads: tuple[int, ...], ranks: tuple[int, ...]) -> StackedLTE:
+    """This node's heads (each at its own rank) stacked on one base; built once per set of heads,
+    their states load every round."""
     spec, job, _ = _job(spec_json)
-    model = StackedLTE(job.plain, lte_config(spec), list(heads)).to(job.device)
+    model = StackedLTE(job.plain, lte_config(spec), list(heads), list(ranks)).to(job.device)
     model.init_state = [{k: t.clone() for k, t in model.head_state(i, with_corr=True).items()} for i in range(len(heads))]
     return model
 

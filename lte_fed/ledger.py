@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import protocol as P
-from .lora import commit_factors, merge_update
+from .lora import commit_factors, merge_update_heads
 
 log = logging.getLogger("lte_fed.server")
 
@@ -133,9 +133,13 @@ class RoundMerge:
     """
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
-                 layout: dict, *, scale: float, variant: str, guard: Guard = Guard()):
+                 layout: dict, *, scale: float | dict[int, float], variant: str, guard: Guard = Guard(),
+                 layouts: dict[int, dict] | None = None):
+        """`scale`: s, or head -> s when heads differ in rank; `layouts`: head -> its reply layout
+        where it differs from `layout` (another rank)."""
         self.rnd, self.ledger, self.W, self.replicas = rnd, ledger, W, replicas
         self.layout, self.scale, self.exact, self.guard = layout, scale, variant == "exact", guard
+        self.layouts = layouts or {}
         self.sent: dict[int, int] = {}  # head -> node it was sent to this round
         self.got: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}  # head -> (node, state, loss)
         self.rejected: dict[int, str] = {}
@@ -151,7 +155,8 @@ class RoundMerge:
             return self._reject(None, head, "reply for a head not sent this round")
         if head in self.got or head in self.rejected:
             return self._reject(None, head, "a second answer for this head (the first one counts)")
-        verdict = P.screen_reply(content, self.layout, head, error, arrays=arrays, metrics=metrics)
+        verdict = P.screen_reply(content, self.layouts.get(head, self.layout), head, error, arrays=arrays,
+                                 metrics=metrics)
         if verdict.reason is not None:
             return self._reject(head, head, verdict.reason)
         self.got[head] = (self.sent[head], verdict.state, verdict.train_loss)
@@ -218,29 +223,32 @@ class RoundMerge:
                 del self.got[h]
                 self._reject(h, h, reason)
 
+    def scale_of(self, head: int) -> float:
+        return self.scale[head] if isinstance(self.scale, dict) else self.scale
+
     def _norms(self, head: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         saved = self.ledger[head].state
         out = {}
         for name in self.W:
             VB = saved[f"{name}.corr_B"] if self.exact else None
             VA = saved[f"{name}.corr_A"] if self.exact else None
-            out[name] = update_norm(state[f"{name}.lora_B"], state[f"{name}.lora_A"], VB, VA, self.scale)
+            out[name] = update_norm(state[f"{name}.lora_B"], state[f"{name}.lora_A"], VB, VA, self.scale_of(head))
         for name, r in self.replicas.items():
             out[name] = float((state[name].double() - r.double()).norm())
         return out
 
     @torch.no_grad()
     def _merged(self, good: dict[int, dict[str, torch.Tensor]]) -> tuple[dict, dict]:
-        """W + (s/|S|) Σ_{n∈S} (B_n A_n − V_n) and the replicas' mean over S (heads in order, so
-        the sums are deterministic)."""
+        """W + (1/|S|) Σ_{n∈S} s_n (B_n A_n − V_n) and the replicas' mean over S (heads in order,
+        so the sums are deterministic; heads of any rank, `merge_update_heads`)."""
         heads = sorted(good)
         new_W = {}
         for name, W in self.W.items():
-            B = torch.stack([good[h][f"{name}.lora_B"].float() for h in heads])
-            A = torch.stack([good[h][f"{name}.lora_A"].float() for h in heads])
-            VB = torch.stack([self.ledger[h].state[f"{name}.corr_B"] for h in heads]) if self.exact else None
-            VA = torch.stack([self.ledger[h].state[f"{name}.corr_A"] for h in heads]) if self.exact else None
-            new_W[name] = W + merge_update(B, A, VB, VA, self.scale)
+            saved = [self.ledger[h].state for h in heads]
+            new_W[name] = W + merge_update_heads([
+                (good[h][f"{name}.lora_B"], good[h][f"{name}.lora_A"],
+                 st[f"{name}.corr_B"] if self.exact else None, st[f"{name}.corr_A"] if self.exact else None,
+                 self.scale_of(h)) for h, st in zip(heads, saved)])
         new_replicas = {name: torch.stack([good[h][name].float() for h in heads]).mean(0) for name in self.replicas}
         return new_W, new_replicas
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from . import rng
 from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
-from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors
+from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors, head_scale, pad_rank
 from .quant import check_format
 from .spec import LTESpec, QuantSpec, RunSpec
 
@@ -50,6 +50,7 @@ class LTEConfig:
     quant: str = QuantSpec.base
     keep_norm_affine: bool = LTESpec.keep_norm_affine
     seed: int = RunSpec.seed
+    rank_scale: str = LTESpec.rank_scale  # how s depends on a head's rank when ranks differ (lora.head_scale)
     # The fused engine folds the exact variant's V_n into per-head bases W - s·V_n (N·m·n fp32
     # per layer) when all of them together fit in this many bytes; otherwise V is applied to
     # the tokens every step (exact LTE then costs 4·r(m+n)/(m·n) more per token than reset).
@@ -287,7 +288,8 @@ class StackedLTE(nn.Module):
     all heads, replicas are the mean of their copies.
     """
 
-    def __init__(self, model: nn.Module, cfg: LTEConfig, head_ids: list[int] | None = None):
+    def __init__(self, model: nn.Module, cfg: LTEConfig, head_ids: list[int] | None = None,
+                 ranks: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
         # The global ids of the heads held here, in slice order (default: all N). Head n's A is
@@ -298,6 +300,12 @@ class StackedLTE(nn.Module):
                 not all(0 <= h < cfg.heads for h in self.head_ids):
             raise ValueError(f"head ids {self.head_ids} must be distinct and in 0..{cfg.heads - 1}")
         N = len(self.head_ids)
+        # Heads may differ in rank (one per node, say): each is zero-padded to the largest and
+        # scaled by its own s (lora.head_scale); its state travels at its own rank.
+        self.ranks = [cfg.rank] * N if ranks is None else [int(r) for r in ranks]
+        if len(self.ranks) != N or min(self.ranks) <= 0:
+            raise ValueError(f"ranks {ranks!r}: one positive rank per head is required")
+        scales = [head_scale(cfg.alpha, r, cfg.rank, cfg.rank_scale) for r in self.ranks]
         net = copy.deepcopy(model)
         self.plan = plan(net, cfg.keep_norm_affine)
         gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in self.head_ids]
@@ -305,7 +313,7 @@ class StackedLTE(nn.Module):
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
                                       init=cfg.init, quant=cfg.quant, generators=gens,
-                                      fold=fold_bytes <= cfg.fold_max_bytes)
+                                      fold=fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks, scales=scales)
             _set(net, name, layer)
         self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas
         for name, shape in self.plan.replicas.items():
@@ -388,12 +396,12 @@ class StackedLTE(nn.Module):
 
     # --- state
     def head_state(self, n: int, with_corr: bool = False) -> dict[str, torch.Tensor]:
-        """Head n's state in the same layout as `HeadLTE.head_state`."""
-        out = {}
+        """Head n's state in the same layout as `HeadLTE.head_state` (at the head's own rank)."""
+        out, r = {}, self.ranks[n]
         for name, l in self.lora_layers().items():
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = l.lora_A[n].detach(), l.lora_B[n].detach()
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = l.lora_A[n, :r].detach(), l.lora_B[n, :, :r].detach()
             if with_corr and l.corr_A is not None:
-                out[f"{name}.corr_A"], out[f"{name}.corr_B"] = l.corr_A[n], l.corr_B[n]
+                out[f"{name}.corr_A"], out[f"{name}.corr_B"] = l.corr_A[n, :r], l.corr_B[n, :, :r]
         for name, p in self.replica_params().items():
             out[name] = p[n].detach().reshape(self.plan.replicas[name])
         return out
@@ -403,12 +411,21 @@ class StackedLTE(nn.Module):
         """Write head slice n from a state in `head_state`'s layout (corr_* optional; replicas
         missing from `state` are left as they are)."""
         for name, l in self.lora_layers().items():
-            l.lora_A[n].copy_(state[f"{name}.lora_A"])
-            l.lora_B[n].copy_(state[f"{name}.lora_B"])
+            pairs = [(l.lora_A, l.lora_B, "lora")]
             if l.corr_A is not None and f"{name}.corr_A" in state:
-                l.corr_A[n].copy_(state[f"{name}.corr_A"])
-                l.corr_B[n].copy_(state[f"{name}.corr_B"])
+                pairs.append((l.corr_A, l.corr_B, "corr"))
+            for A, B, kind in pairs:
+                a, b = pad_rank(state[f"{name}.{kind}_A"], state[f"{name}.{kind}_B"], l.rank)
+                A[n].copy_(a)
+                B[n].copy_(b)
         self.load_replicas(state, [n])
+
+    def head_cuts(self, n: int) -> list[tuple]:
+        """For each of `head_params()`, the index of head n's own part of its slice (its rank's
+        rows of A, columns of B; all of a replica): what of its optimizer state travels."""
+        r = self.ranks[n]
+        cuts = [c for _ in self.lora_layers() for c in ((slice(0, r),), (slice(None), slice(0, r)))]
+        return cuts + [()] * len(self.replica_params())
 
     @torch.no_grad()
     def load_replicas(self, state: dict[str, torch.Tensor], slices: list[int] | None = None) -> None:

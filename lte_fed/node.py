@@ -49,21 +49,24 @@ def train_heads(model: StackedLTE, opt: torch.optim.Optimizer, source, start_ste
     return losses
 
 
-def head_optimizer_state(opt: torch.optim.Optimizer, n: int) -> dict[str, torch.Tensor]:
-    """Slice n of the optimizer's state: '<param index>.<key>', moments of shape p[n], step as is
-    (empty before the first step)."""
+def head_optimizer_state(opt: torch.optim.Optimizer, n: int, cuts: list[tuple] | None = None) -> dict[str, torch.Tensor]:
+    """Slice n of the optimizer's state: '<param index>.<key>', moments of shape p[n][cuts[i]]
+    (the head's own rank, `StackedLTE.head_cuts`), step as is (empty before the first step)."""
     out = {}
     for i, st in opt.state_dict()["state"].items():
+        cut = () if cuts is None else cuts[i]
         for key, v in st.items():
             v = torch.as_tensor(v)
-            out[f"{i}.{key}"] = (v if key == "step" else v[n]).detach().clone()
+            out[f"{i}.{key}"] = (v if key == "step" else v[n][cut]).detach().clone()
     return out
 
 
 def load_head_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Tensor],
-                               states: list[dict[str, torch.Tensor] | None]) -> None:
+                               states: list[dict[str, torch.Tensor] | None],
+                               cuts: list[list[tuple]] | None = None) -> None:
     """Stack per-head optimizer states (`head_optimizer_state` layout, one per slice; None or {}:
-    the head has none) into `opt` over `params` (k, ...). Nothing to load: a fresh optimizer."""
+    the head has none) into `opt` over `params` (k, ...), each into its head's part `cuts[n][i]`
+    (zero elsewhere: the rank padding). Nothing to load: a fresh optimizer."""
     have = [s for s in states if s]
     if not have:
         return
@@ -72,8 +75,11 @@ def load_head_optimizer_states(opt: torch.optim.Optimizer, params: list[torch.Te
     for i, p in enumerate(params):
         moments = {}
         for key in ("exp_avg", "exp_avg_sq"):
-            moments[key] = torch.stack([s[f"{i}.{key}"].to(p) if s and f"{i}.{key}" in s else
-                                        torch.zeros_like(p[0]) for s in states])
+            m = torch.zeros_like(p)
+            for n, s in enumerate(states):
+                if s and f"{i}.{key}" in s:
+                    m[n][() if cuts is None else cuts[n][i]] = s[f"{i}.{key}"].to(p)
+            moments[key] = m
         state[i] = {"step": torch.tensor(step), **moments}
     sd = opt.state_dict()
     sd["state"] = state

@@ -2,7 +2,7 @@
 unequal capacity (pure; strategies/lte_strategy.py calls it every round).
 
 A node declares what it can carry in its node config: `heads` (how many heads at once) or
-`memory-gb` (turned into heads by the memory estimate, `heads_that_fit`), and optionally
+`memory-gb` (turned into heads by the memory estimate, `memory.heads_that_fit`), and optionally
 `rank`. A node that declares nothing takes an even share of the heads the declared nodes leave.
 
 Rules, in order:
@@ -37,9 +37,9 @@ def capacities(nodes: list[NodeInfo], heads: int, declared: dict[int, int] | Non
     the nodes' `heads` (e.g. from a memory budget). Undeclared nodes share what the declared
     ones leave evenly (rounded up, at least 1)."""
     declared = declared or {}
-    cap = {i.node: declared.get(i.node, i.heads) for i in nodes}
-    open_nodes = [n for n, c in cap.items() if c <= 0]
-    rest = max(0, heads - sum(c for c in cap.values() if c > 0))
+    cap = {i.node: max(0, declared[i.node] if i.node in declared else i.heads) for i in nodes}
+    open_nodes = [i.node for i in nodes if i.node not in declared and i.heads <= 0]
+    rest = max(0, heads - sum(cap.values()))
     for n in open_nodes:
         cap[n] = max(1, math.ceil(rest / len(open_nodes)))
     return cap
@@ -76,9 +76,3 @@ def by_node(assignment: dict[int, int]) -> dict[int, list[int]]:
     for h, node in sorted(assignment.items()):
         out.setdefault(node, []).append(h)
     return out
-
-
-def heads_that_fit(memory_bytes: float, per_head_bytes: int, shared_bytes: int) -> int:
-    """Heads a node can stack in `memory_bytes`: the shared part (q(W), one activation set's
-    base path) once, plus per_head_bytes for each head. At least 0."""
-    return max(0, int((memory_bytes - shared_bytes) // max(1, per_head_bytes)))

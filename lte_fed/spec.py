@@ -58,6 +58,10 @@ class LTESpec:
     init: str = "orthogonal"
     keep_norm_affine: bool = False
     same_batch: bool = False  # every head sees the same full batch (the multi-head LoRA regime)
+    # Heads of different rank (a node's `rank` in its node config): s = alpha / sqrt(rank * lte.rank)
+    # ("sqrt", each head's update the same size whatever its rank) or alpha / rank ("linear");
+    # the same for heads at lte.rank. docs/heterogeneous.md has the measurement.
+    rank_scale: str = "sqrt"
 
 
 @dataclass
@@ -270,7 +274,7 @@ def _is_number(text: str) -> bool:
 def validate(s: Spec) -> Spec:
     """Raise SpecError naming the first bad key; returns `s` for chaining."""
     from .data import DATASETS, TEXT_DATASETS
-    from .lora import INITS, VARIANTS
+    from .lora import INITS, RANK_SCALES, VARIANTS
     from .models import is_language_model, list_models
     from .text import PARTITIONS, TOKENIZERS
     from .quant import QUANT_FORMATS
@@ -283,6 +287,7 @@ def validate(s: Spec) -> Spec:
     _need(s.lte.merge_every > 0, "lte.merge_every", f"must be a positive integer, got {s.lte.merge_every!r}")
     _need(s.lte.variant in VARIANTS, "lte.variant", f"{s.lte.variant!r} is not one of {', '.join(VARIANTS)}")
     _need(s.lte.init in INITS, "lte.init", f"{s.lte.init!r} is not one of {', '.join(INITS)}")
+    _need(s.lte.rank_scale in RANK_SCALES, "lte.rank_scale", f"{s.lte.rank_scale!r} is not one of {', '.join(RANK_SCALES)}")
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
     _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")

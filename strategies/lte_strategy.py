@@ -34,6 +34,7 @@ from lte_fed import quant
 from lte_fed.convert import to_original_state
 from lte_fed.job import Job, lte_config
 from lte_fed.ledger import Guard, HeadLedger, RoundMerge
+from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.placement import by_node
 from lte_fed.rundir import RunDir, open_resume
@@ -67,7 +68,8 @@ class LTEStrategy(RoundLoop):
         self._sent: list[Message] = []  # this round's messages
         self.bytes_up = self.bytes_down = 0
         self.round_loss, self.alignment = float("nan"), {}
-        self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "rank": r}]
+        self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "ranks": [...]}]
+        self._shape = None  # the model's shape for the memory estimate (memory-gb nodes), built once
 
     def summary(self) -> None:
         c = self.cfg
@@ -82,16 +84,22 @@ class LTEStrategy(RoundLoop):
         steps = min(s.merge_every, s.train.steps - start)
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
-        self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout, scale=self.cfg.scale,
-                                 variant=self.cfg.variant, guard=self.guard)
+        alive = set(grid.get_node_ids())
         holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
-        placed = by_node(self.partitions.assign(self.cfg.heads, set(grid.get_node_ids()), holders))
+        assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(alive))
+        for h, node in assignment.items():
+            self._settle_rank(h, self.partitions.info[node].rank or self.cfg.rank)
+        heads = range(self.cfg.heads)
+        self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout,
+                                 scale={h: self.scale_of(h) for h in heads}, variant=self.cfg.variant,
+                                 guard=self.guard, layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads})
+        placed = by_node(assignment)
         msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
                 for node, heads in placed.items()]
         for head in sorted(set(range(self.cfg.heads)) - set(self._round.sent)):
             log.warning("round %d: no node has room for head %d; it waits", server_round, head)
-        self.placement = [{"node": self.partitions.info[node].partition, "heads": heads, "rank": self.cfg.rank}
-                          for node, heads in placed.items()]
+        self.placement = [{"node": self.partitions.info[node].partition, "heads": heads,
+                           "ranks": [self.rank_of(h) for h in heads]} for node, heads in placed.items()]
         self.trust_local = set()
         self.bytes_down = sum(message_bytes(m) for m in msgs)
         self._sent = msgs
@@ -112,11 +120,47 @@ class LTEStrategy(RoundLoop):
         if restore:
             content[P.RESTORE] = ArrayRecord(restore)
         content[P.CONFIG] = ConfigRecord({
-            "heads": heads, "sources": sources, "committed": [self.ledger[h].committed for h in heads],
+            "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources, "committed": [self.ledger[h].committed for h in heads],
             "start_step": start, "steps": steps, "round": rnd, "spec": spec_json, "run_id": self.run_id,
             "state_round": rnd - 1, "keep_from": self.checkpointed,
         })
         return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
+
+    # ------------------------------------------------------------------ ranks and capacity
+    def rank_of(self, head: int) -> int:
+        return int(self.ledger[head].state[f"{self.plan.lora[0]}.lora_A"].shape[0])
+
+    def scale_of(self, head: int) -> float:
+        return head_scale(self.cfg.alpha, self.rank_of(head), self.cfg.rank, self.cfg.rank_scale)
+
+    def _settle_rank(self, head: int, rank: int) -> None:
+        """A head takes the rank of the node it first trains on (node config `rank`, else
+        lte.rank) and keeps it: a node of another rank trains it zero-padded or as it is."""
+        if self.ledger[head].fresh and self.rank_of(head) != rank:
+            cfg = dataclasses.replace(self.cfg, quant="none", rank=rank)
+            self.ledger[head].state = {k: t.detach().float().clone()
+                                       for k, t in HeadLTE(self.job.plain, cfg, head).head_state(with_corr=True).items()}
+
+    def _declared(self, alive: set[int]) -> dict[int, int]:
+        """node -> heads it can carry, for nodes that declared `memory-gb` but not `heads`
+        (the memory estimate at the node's rank and the run's per-head batch)."""
+        out = {}
+        for info in self.partitions.nodes(alive):
+            if info.heads or not info.memory_gb:
+                continue
+            from lte_fed.memory import analyse, heads_that_fit
+
+            if self._shape is None:
+                s, d = self.spec, self.job
+                self._shape = analyse(s.model.name, d.img_size, d.data.num_classes, s.model.patch_size,
+                                      self.cfg.keep_norm_affine)
+            cfg = dataclasses.replace(self.cfg, rank=info.rank or self.cfg.rank)
+            per_head_batch = self.spec.train.batch_size // self.cfg.heads
+            out[info.node] = heads_that_fit(self._shape, cfg, per_head_batch, info.memory_gb * 2**30)
+            if not out[info.node]:
+                log.warning("node %d (partition %d): %.3g GB hold no head of rank %d", info.node, info.partition,
+                            info.memory_gb, cfg.rank)
+        return out
 
     def wait_for_workers(self, grid: Grid, timeout: float) -> None:
         """run.nodes nodes if set, else until the nodes' capacity covers every head (a node that
@@ -154,7 +198,8 @@ class LTEStrategy(RoundLoop):
             for h in heads:  # each head is screened on its own: a bad one is refused alone
                 self._round.receive(h, None if error is not None else reply.content, error,
                                     arrays=P.head_record(h), metrics=P.metrics_record(h))
-        if self.spec.train.log_alignment and len(self._round.got) > 1:
+        if self.spec.train.log_alignment and len(self._round.got) > 1 and \
+                len({self.rank_of(h) for h in self._round.got}) == 1:  # the measures compare heads of one rank
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})
         result = self._round.close(self.spec.run.min_heads)
         self.round_loss = result.train_loss
