@@ -134,12 +134,13 @@ class RoundMerge:
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
                  layout: dict, *, scale: float | dict[int, float], variant: str, guard: Guard = Guard(),
-                 layouts: dict[int, dict] | None = None):
+                 layouts: dict[int, dict] | None = None, partial: str = "arrived"):
         """`scale`: s, or head -> s when heads differ in rank; `layouts`: head -> its reply layout
-        where it differs from `layout` (another rank)."""
+        where it differs from `layout` (another rank); `partial`: what a round where only some
+        heads arrived divides their sum by (run.partial_merge: "arrived" |S|, or "all" N)."""
         self.rnd, self.ledger, self.W, self.replicas = rnd, ledger, W, replicas
         self.layout, self.scale, self.exact, self.guard = layout, scale, variant == "exact", guard
-        self.layouts = layouts or {}
+        self.layouts, self.partial = layouts or {}, partial
         self.sent: dict[int, int] = {}  # head -> node it was sent to this round
         self.got: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}  # head -> (node, state, loss)
         self.rejected: dict[int, str] = {}
@@ -186,6 +187,8 @@ class RoundMerge:
                       self.rnd, len(good), min_heads)
             return result
         new_W, new_replicas = self._merged({h: s for h, (_, s, _) in good.items()})
+        if self.partial == "all" and len(good) < len(self.ledger):
+            new_W, new_replicas = self._damped(new_W, new_replicas, len(good) / len(self.ledger))
         bad = [k for k, t in (new_W | new_replicas).items() if not torch.isfinite(t).all()]
         if bad:
             log.error("round %d: the merge would make %r non-finite: nothing merged this round", self.rnd, bad[0])
@@ -251,6 +254,13 @@ class RoundMerge:
                  self.scale_of(h)) for h, st in zip(heads, saved)])
         new_replicas = {name: torch.stack([good[h][name].float() for h in heads]).mean(0) for name in self.replicas}
         return new_W, new_replicas
+
+    def _damped(self, new_W: dict, new_replicas: dict, share: float) -> tuple[dict, dict]:
+        """run.partial_merge=all: a round where only a share |S|/N of the heads arrived moves W
+        and the replicas by that share of the arrived heads' mean update, i.e. divides the sum
+        by N instead of |S|."""
+        return ({n: self.W[n] + share * (w - self.W[n]) for n, w in new_W.items()},
+                {n: self.replicas[n] + share * (r - self.replicas[n]) for n, r in new_replicas.items()})
 
     def _commit(self, head: int, reply: dict[str, torch.Tensor]) -> None:
         """The ledger's copy of `head` after its update was merged (the post-merge rule)."""

@@ -119,10 +119,18 @@ class RunSpec:
     # run.client_cpus, or GPUs / run.client_gpus), at most lte.heads. In a deployment: the
     # nodes the server waits for before round 1 (0: until their capacity covers lte.heads).
     nodes: int = 0
+    # flower engine, simulation: what each simulated node declares, as a deployed node's node
+    # config would, in partition order, ";"-separated: "heads=2 rank=16;rank=4;memory-gb=2" (a
+    # mixed fleet on one box). Null: every node declares nothing (an even share at lte.rank).
+    fleet: str | None = None
     # flower engine: seconds after which a round merges the heads that arrived (0: wait for all,
     # up to run.round_timeout); a late head's update is dropped and it restarts from the
     # server's state.
     round_deadline: float = 0.0
+    # flower engine: what a round in which only the heads S arrived divides their summed update
+    # by: "arrived" (|S|: the mean of the arrived heads' updates) or "all" (N: each head moves
+    # W as far as in a full round). docs/heterogeneous.md has the measurement.
+    partial_merge: str = "arrived"
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
     # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
     # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
@@ -263,6 +271,28 @@ def _check_types(node, prefix: str = "") -> None:
             raise SpecError(f"{key}: must be {want}, got {v!r}")
 
 
+FLEET_KEYS = {"heads": int, "rank": int, "memory-gb": float}
+
+
+def parse_fleet(text: str) -> list[dict[str, float]]:
+    """run.fleet "heads=2 rank=16;rank=4" -> [{"heads": 2, "rank": 16}, {"rank": 4}]."""
+    out = []
+    for entry in str(text).split(";"):
+        node = {}
+        for item in entry.split():
+            key, eq, value = item.partition("=")
+            if not eq or key not in FLEET_KEYS:
+                raise ValueError(f"{item!r} is not one of {', '.join(k + '=...' for k in FLEET_KEYS)}")
+            try:
+                node[key] = FLEET_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {value!r} is not a number") from None
+            if node[key] <= 0:
+                raise ValueError(f"{item!r} must be > 0")
+        out.append(node)
+    return out
+
+
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -341,6 +371,15 @@ def validate(s: Spec) -> Spec:
     if s.method == "lte":
         _need(s.run.nodes <= s.lte.heads, "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: every node "
               "trains at least one head")
+    if s.run.fleet:
+        try:
+            entries = parse_fleet(s.run.fleet)
+        except ValueError as e:
+            raise SpecError(f"run.fleet: {e}") from None
+        _need(not s.run.nodes or len(entries) == s.run.nodes, "run.fleet",
+              f"has {len(entries)} node(s) but run.nodes={s.run.nodes}")
+    _need(s.run.partial_merge in ("arrived", "all"), "run.partial_merge",
+          f"{s.run.partial_merge!r} is not arrived or all")
     _need(s.run.round_deadline >= 0, "run.round_deadline", f"must be >= 0 (0: none), got {s.run.round_deadline!r}")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")

@@ -38,7 +38,7 @@ from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.placement import by_node
 from lte_fed.rundir import RunDir, open_resume
-from lte_fed.spec import Spec, SpecError
+from lte_fed.spec import Spec, SpecError, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
 from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity
@@ -85,6 +85,7 @@ class LTEStrategy(RoundLoop):
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
         alive = set(grid.get_node_ids())
+        self._fleet()
         holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
         assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(alive))
         for h, node in assignment.items():
@@ -92,7 +93,8 @@ class LTEStrategy(RoundLoop):
         heads = range(self.cfg.heads)
         self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout,
                                  scale={h: self.scale_of(h) for h in heads}, variant=self.cfg.variant,
-                                 guard=self.guard, layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads})
+                                 guard=self.guard, layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads},
+                                 partial=self.spec.run.partial_merge)
         placed = by_node(assignment)
         msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
                 for node, heads in placed.items()]
@@ -141,6 +143,17 @@ class LTEStrategy(RoundLoop):
             self.ledger[head].state = {k: t.detach().float().clone()
                                        for k, t in HeadLTE(self.job.plain, cfg, head).head_state(with_corr=True).items()}
 
+    def _fleet(self) -> None:
+        """run.fleet (simulation): each simulated node declares what its entry says."""
+        if not self.spec.run.fleet:
+            return
+        fleet = parse_fleet(self.spec.run.fleet)
+        for node, info in list(self.partitions.info.items()):
+            if info.partition < len(fleet) and not (info.heads or info.rank or info.memory_gb):
+                e = fleet[info.partition]
+                self.partitions.info[node] = dataclasses.replace(
+                    info, heads=int(e.get("heads", 0)), rank=int(e.get("rank", 0)), memory_gb=float(e.get("memory-gb", 0)))
+
     def _declared(self, alive: set[int]) -> dict[int, int]:
         """node -> heads it can carry, for nodes that declared `memory-gb` but not `heads`
         (the memory estimate at the node's rank and the run's per-head batch)."""
@@ -165,7 +178,7 @@ class LTEStrategy(RoundLoop):
     def wait_for_workers(self, grid: Grid, timeout: float) -> None:
         """run.nodes nodes if set, else until the nodes' capacity covers every head (a node that
         declares nothing counts for one head)."""
-        nodes = self.spec.run.nodes
+        nodes = self.spec.run.nodes or (len(parse_fleet(self.spec.run.fleet)) if self.spec.run.fleet else 0)
         wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads,
                           len if nodes else lambda infos: sum(i.heads or 1 for i in infos), timeout)
 

@@ -97,7 +97,11 @@ class RoundLoop(Strategy):
         if self.job.is_text:
             self.eval_model.load_state_dict(self.plain_state())
             write_sample(self.dir, self.eval_model, self.job)
-        summary = build_summary(s, self.dir.read_metrics(), self.job, run_id=self.run_id)
+        rows = self.dir.read_metrics()
+        # LTE: which node (partition-id) trained which heads at which rank in the last round
+        # (every round's is in its metrics row)
+        extra = {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}
+        summary = build_summary(s, rows, self.job, run_id=self.run_id, **extra)
         self.dir.write_summary(summary)
         return summary
 

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from lte_fed.rundir import RunDir
-from lte_fed.spec import ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, toml_lines, validate
+from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, parse_fleet, toml_lines,
+                          validate)
 
 POLL_S = 0.5
 
@@ -73,6 +74,8 @@ def simulation_nodes(spec: Spec) -> int:
         return spec.lte.heads
     if spec.run.nodes:
         return spec.run.nodes
+    if spec.run.fleet:
+        return len(parse_fleet(spec.run.fleet))
     parallel = (os.cpu_count() or 1) // max(1, int(spec.run.client_cpus))
     if spec.run.client_gpus > 0:
         import torch
