@@ -4,8 +4,8 @@ The server holds the full-precision base W, the merged replicas and the head led
 (lte_fed/ledger.py). Each round it places the heads on the nodes by their capacity
 (lte_fed/placement.py: a head stays where its state is; when its node is gone it moves to a node
 with room, with its state from the server), sends each node one message with q(W) and all its
-heads, and merges what came back through `RoundMerge`: every reply is screened by the protocol gate and the
-update-size guard, the merge is checked finite before it is committed, and a rejected head
+heads, and merges what came back through `RoundMerge`: every head of every reply is screened by
+the protocol gate and the update-size guard, the merge is checked finite before it is committed, and a rejected head
 falls back to the server's copy.
 
 How a worker gets a head's state ("source" in the message config):
@@ -93,8 +93,8 @@ class LTEStrategy(RoundLoop):
         heads = range(self.cfg.heads)
         self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout,
                                  scale={h: self.scale_of(h) for h in heads}, variant=self.cfg.variant,
-                                 guard=self.guard, layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads},
-                                 partial=self.spec.run.partial_merge)
+                                 guard=self.guard, partial=self.spec.run.partial_merge,
+                                 layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads})
         placed = by_node(assignment)
         msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
                 for node, heads in placed.items()]
@@ -122,7 +122,8 @@ class LTEStrategy(RoundLoop):
         if restore:
             content[P.RESTORE] = ArrayRecord(restore)
         content[P.CONFIG] = ConfigRecord({
-            "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources, "committed": [self.ledger[h].committed for h in heads],
+            "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources,
+            "committed": [self.ledger[h].committed for h in heads],
             "start_step": start, "steps": steps, "round": rnd, "spec": spec_json, "run_id": self.run_id,
             "state_round": rnd - 1, "keep_from": self.checkpointed,
         })

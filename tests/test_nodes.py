@@ -156,3 +156,42 @@ def test_optimizer_state_travels_per_head():
         assert got.keys() == per_head[h].keys() and all(torch.equal(got[k], per_head[h][k]) for k in got)
     fresh = head_optimizer_state(opt2, 2)
     assert all(float(t.abs().sum()) == 0 for k, t in fresh.items() if not k.endswith("step"))
+
+
+# --------------------------------------------------------------------- partial rounds, deadline
+def test_a_partial_round_divides_by_the_heads_that_arrived_or_by_all():
+    spec = quick_spec("lte", lte={"heads": 4})
+    job = setup(spec)
+    cfg = lte_config(spec)
+    server = StackedLTE(job.plain, cfg)
+    g = torch.Generator().manual_seed(0)
+    moved = {}
+    for partial in ("arrived", "all"):
+        ledger = HeadLedger([HeadLTE(job.plain, cfg, n).head_state(with_corr=True) for n in range(4)])
+        W = {n: l.weight.clone() for n, l in server.lora_layers().items()}
+        W0 = {n: w.clone() for n, w in W.items()}
+        replicas = {n: p[0].detach().reshape(server.plan.replicas[n]).clone() for n, p in server.replica_params().items()}
+        layout = {k: (tuple(t.shape), t.dtype) for k, t in ledger[0].state.items() if ".corr_" not in k}
+        merge = RoundMerge(1, ledger, W, replicas, layout, scale=cfg.scale, variant="exact", partial=partial)
+        g.manual_seed(0)
+        for h in range(4):
+            merge.expect(h, h)
+        for h in (0, 2):  # heads 1 and 3 are late
+            state = {k: t + 0.01 * torch.randn(t.shape, generator=g) if k.endswith("lora_B") else t.clone()
+                     for k, t in ledger[h].state.items() if ".corr_" not in k}
+            merge.got[h] = (h, state, 1.0)
+        assert merge.close().merged == [0, 2]
+        moved[partial] = {n: W[n] - W0[n] for n in W}
+        assert ledger[1].holder is None and ledger[3].holder is None  # late: restart from the server's state
+    for n, d in moved["arrived"].items():
+        assert float(d.abs().max()) > 0
+        assert torch.allclose(moved["all"][n], d * 2 / 4, atol=1e-7)
+
+
+def test_the_round_deadline_spares_the_servers_first_round():
+    from strategies.rounds import round_wait
+
+    spec = quick_spec("lte", "flower", run={"round_deadline": 5.0, "round_timeout": 60.0})
+    assert round_wait(spec, 1, first=1) == 60.0 and round_wait(spec, 2, first=1) == 5.0
+    assert round_wait(spec, 4, first=4) == 60.0  # a resumed server's first round
+    assert round_wait(quick_spec("lte", "flower"), 2, first=1) == 600.0
