@@ -34,13 +34,15 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
     from lte_fed import protocol as P
     from lte_fed.job import Job, lte_config
     from lte_fed.lte import HeadLTE
+    from lte_fed.placement import NodeInfo
     from strategies.grid_utils import message_bytes
     from strategies.lte_strategy import LTEStrategy
 
     job = Job(spec, None, img_size, plain, torch.device("cpu"))
     st = LTEStrategy(spec, job, tmp)
     nodes = [100 + n for n in range(spec.lte.heads)]
-    st.partitions.node_of = dict(enumerate(nodes))
+    for n, node in enumerate(nodes):  # one head per node: the bytes of one client
+        st.partitions.add(NodeInfo(node, n, heads=1))
     with Timer() as t_cfg:
         msgs = list(st.configure_train(1, None, ConfigRecord(), _fake_grid(nodes)))
     head = HeadLTE(plain, lte_config(spec), 0)
@@ -52,8 +54,8 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
     metrics = {"head": 0, "partition": 0, "train_loss": 1.0, "steps": spec.merge_every, "num-examples": 1}
-    reply = Message(RecordDict({P.HEAD: ArrayRecord(P.wire(head.head_state())), P.METRICS: MetricRecord(metrics)}),
-                    reply_to=msgs[0])
+    reply = Message(RecordDict({P.head_record(0): ArrayRecord(P.wire(head.head_state())),
+                                P.metrics_record(0): MetricRecord(metrics)}), reply_to=msgs[0])
     payload_up = sum(t.numel() * t.element_size() for t in head.head_state().values())
     # comm.up=fp16/int8: the reply is the round's change (here: from the fresh head), encoded as a
     # worker encodes it (lte_fed/uplink.py ef_step)
@@ -63,8 +65,8 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
     up_c = {}
     for fmt in ("fp16", "int8"):
         wire, _ = uplink.ef_step(head.head_state(), fresh, {}, fmt)
-        up_c[fmt] = message_bytes(Message(RecordDict({P.HEAD: ArrayRecord(P.wire(wire)),
-                                                      P.METRICS: MetricRecord(metrics)}), reply_to=msgs[0]))
+        up_c[fmt] = message_bytes(Message(RecordDict({P.head_record(0): ArrayRecord(P.wire(wire)),
+                                                      P.metrics_record(0): MetricRecord(metrics)}), reply_to=msgs[0]))
     base = st.quantized_base()
     return {"down": message_bytes(msgs[0]), "up": message_bytes(reply), "up_fp16": up_c["fp16"],
             "up_int8": up_c["int8"], "configure_s": t_cfg.s,

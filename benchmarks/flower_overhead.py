@@ -11,8 +11,7 @@ inside Flower's workers). Repeats are the remaining rounds.
 
 from __future__ import annotations
 
-import math
-import os
+import copy
 import tempfile
 
 import torch
@@ -63,16 +62,21 @@ def pair(T: int, steps: int, heads: int, tmp: str) -> dict:
 
 
 def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
-    """One Flower round's pieces, timed in this process with the functions the round runs."""
+    """One Flower round's pieces, timed in this process with the functions the round runs: the
+    strategy's message building, one node's loading and stacked local training of its share of
+    the heads, serialization, the merge, the server's evaluation."""
     from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
     from lte_fed import protocol as P
     from lte_fed.job import batch_source, lte_config, setup
-    from lte_fed.lte import HeadLTE
-    from lte_fed.train import evaluate, lr_at, make_optimizer, train_head
+    from lte_fed.lte import StackedLTE
+    from lte_fed.node import train_heads
+    from lte_fed.placement import NodeInfo
+    from lte_fed.train import evaluate, lr_at, make_optimizer
     from strategies.grid_utils import message_bytes
     from strategies.lte_strategy import LTEStrategy
+    from strategies.simulation import simulation_nodes
 
     from .bytes import _fake_grid
 
@@ -81,11 +85,15 @@ def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
     job = setup(spec)
     src = batch_source(job)
     st = LTEStrategy(spec, job, f"{tmp}/parts")
-    nodes = [100 + n for n in range(heads)]
-    st.partitions.node_of = dict(enumerate(nodes))
+    st.eval_model = copy.deepcopy(job.plain)
+    workers = simulation_nodes(spec)
+    nodes = [100 + n for n in range(workers)]
+    for n, node in enumerate(nodes):
+        st.partitions.add(NodeInfo(node, n))
     grid = _fake_grid(nodes)
-    model = HeadLTE(job.plain, lte_config(spec), 0)
-    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, 0.0)
+    k = -(-heads // workers)  # the busiest node's heads
+    model = StackedLTE(job.plain, lte_config(spec), list(range(k)))
+    opt = make_optimizer(model.head_params(), spec.lr, 0.0)
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     threads = torch.get_num_threads()
     t = {k: [] for k in ("quantize", "configure", "serialize_down", "client_load", "client_train", "serialize_up",
@@ -95,41 +103,42 @@ def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
             st.quantized_base()
         t["quantize"].append(x.s)
         with Timer() as x:
-            msgs = list(st.configure_train(rnd, None, ConfigRecord(), grid))  # quantize + records + bytes of all N
+            msgs = list(st.configure_train(rnd, None, ConfigRecord(), grid))  # quantize + records + bytes of all nodes
         t["configure"].append(x.s)
         with Timer() as x:
             message_bytes(msgs[0])
         t["serialize_down"].append(x.s)
         with Timer() as x:
             model.load_base_state(msgs[0].content[P.BASE].to_torch_state_dict())
-            model.load_head_state(msgs[0].content[P.REPLICAS].to_torch_state_dict())
+            model.load_replicas(msgs[0].content[P.REPLICAS].to_torch_state_dict())
         t["client_load"].append(x.s)
         torch.set_num_threads(max(1, int(spec.run.client_cpus)))  # what one Ray worker gets
         with Timer() as x:
-            train_head(model, opt, src, 0, (rnd - 1) * T, T, lr=lr, clip=spec.train.clip, device=job.device)
+            train_heads(model, opt, src, (rnd - 1) * T, T, lr=lr, clip=spec.train.clip, device=job.device)
         torch.set_num_threads(threads)
         t["client_train"].append(x.s)
-        reply = Message(RecordDict({P.HEAD: ArrayRecord(P.wire(model.head_state())),
-                                    P.METRICS: MetricRecord({"train_loss": 1.0})}), reply_to=msgs[0])
+        records = {}
+        for i in range(k):
+            records[P.head_record(i)] = ArrayRecord(P.wire(model.head_state(i)))
+            records[P.metrics_record(i)] = MetricRecord({"head": i, "train_loss": 1.0})
+        reply = Message(RecordDict(records), reply_to=msgs[0])
         with Timer() as x:
             message_bytes(reply)
         t["serialize_up"].append(x.s)
-        good = {h: {k: v.clone() for k, v in model.head_state().items()} for h in range(heads)}
+        good = {h: {n: v.clone() for n, v in model.head_state(h % k).items()} for h in range(heads)}
         with Timer() as x:
-            st.merge(good)
+            st._round._merged(good)
         t["merge"].append(x.s)
         with Timer() as x:
             st.eval_model.load_state_dict(st.plain_state())
             evaluate(st.eval_model, job.data, job.img_size, job.device, spec.train.eval_batch)
         t["evaluate"].append(x.s)
     t = {k: v[1:] for k, v in t.items()}  # round 1 warms up
-    workers = max(1, int((os.cpu_count() or 1) // spec.run.client_cpus))
-    waves = math.ceil(heads / workers)
     med = {k: stats(v)["median"] for k, v in t.items()}
-    predicted = (med["configure"] + waves * (med["client_load"] + med["client_train"]) + heads * med["serialize_up"]
+    predicted = (med["configure"] + med["client_load"] + med["client_train"] + workers * med["serialize_up"]
                  + med["merge"])
     return {"T": T, "heads": heads, "parts_s": {k: stats(v) for k, v in t.items()}, "workers": workers,
-            "waves": waves, "predicted_round_s": predicted}
+            "heads_per_node": k, "predicted_round_s": predicted}
 
 
 def main(a) -> dict:

@@ -113,17 +113,20 @@ def flower_md(d: dict) -> list[str]:
     L += ["", "Parts of one Flower round (T, N=4), each timed separately with the function the round calls, "
           "median seconds. `configure` = quantize + build the N TRAIN messages + count their bytes; "
           "`serialize` = `message_bytes` of one message; client parts run with the worker's thread count; "
-          "`predicted` = configure + waves × (load + train) + N × serialize_up + merge, with waves = "
-          "ceil(N / parallel workers); `residual` = measured flower round − predicted = transfer, Ray "
-          "scheduling and the server's polling.", "",
-          "| T | quantize | configure | serialize down | client load | client train (T steps) | serialize up | merge | evaluate | waves | predicted | measured | residual |",
+          "`predicted` = configure + (load + train) of the busiest node (its k = ceil(N / nodes) heads "
+          "stacked) + nodes × serialize_up + merge, with run.nodes at its default (the workers Ray runs at "
+          "once); `residual` = measured flower round − predicted = transfer, Ray scheduling and the "
+          "server's polling.", "",
+          "| T | quantize | configure | serialize down | client load | client train (T steps) | serialize up | merge | evaluate | nodes × heads | predicted | measured | residual |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in d["parts"]:
         m = {k: v["median"] for k, v in p["parts_s"].items()}
         L.append(f"| {p['T']} | {m['quantize']:.4f} | {m['configure']:.3f} | {m['serialize_down']:.4f} | {m['client_load']:.4f} | "
-                 f"{m['client_train']:.3f} | {m['serialize_up']:.4f} | {m['merge']:.4f} | {m['evaluate']:.3f} | {p['waves']} | "
+                 f"{m['client_train']:.3f} | {m['serialize_up']:.4f} | {m['merge']:.4f} | {m['evaluate']:.3f} | {p['workers']} × {p.get('heads_per_node', 1)} | "
                  f"{p['predicted_round_s']:.3f} | {p['flower_round_s']:.3f} | {p['orchestration_residual_s']:.3f} |")
     L += ["", "## 6. Scaling: time per round as N grows (T=10, cumulative batch fixed)", "",
+          "Flower with run.nodes at its default (as many nodes as Ray runs at once, each training its "
+          "share of the N heads stacked on one q(W)).", "",
           "| N | per-head batch | fused s/round | flower s/round | flower / fused |", "|---|---|---|---|---|"]
     for r in d["n_sweep"]:
         L.append(f"| {r['heads']} | {64 // r['heads']} | {fmt(r['fused_round_s'])} | {fmt(r['flower_round_s'])} | {r['flower_over_fused']:.2f}× |")

@@ -1,11 +1,14 @@
-"""The Flower ClientApp: one LTE head per message (and the full-model FedAvg baseline client).
+"""The Flower ClientApp: a node's LTE heads, stacked, per message (and the full-model FedAvg
+baseline client).
 
-A TRAIN message for LTE names the head to train and carries q(W), the merged replicas and the
-run spec (protocol.py); the config's "source" says where the head's state comes from (see
-strategies/lte_strategy.py). The worker holds only the quantized base and that head: its model
-is built on the meta device and filled from the message (lte_fed/worker.py), so W never exists
-here in full precision. Every reply's metrics say what the message cost (lte_fed/costs.py). It keeps
-the head (A, B, V) and its AdamW state between rounds on disk, under its state dir (node config
+A TRAIN message for LTE names the heads this node trains and carries q(W), the merged replicas
+and the run spec (protocol.py); the config's "sources" say where each head's state comes from
+(see strategies/lte_strategy.py). The node holds the quantized base once and its k heads stacked
+on it (lte_fed/node.py); the stacked model is built on the meta device and filled from the
+message (lte_fed/worker.py), so W never exists here in full precision. Each head's reply metrics
+say what the node's message cost (lte_fed/costs.py; one message, the same costs in every head's
+record). It keeps each head (A, B, V), its AdamW moments and its uplink error-feedback residual
+between rounds on disk, under its state dir (node config
 `state-dir`; in simulation `<run dir>/client-state`), by run id, head and round, in safetensors:
 a restarted node, or a resumed server, finds it there.
 """
@@ -30,7 +33,8 @@ from lte_fed import costs  # noqa: E402
 from lte_fed import protocol as P  # noqa: E402
 from lte_fed import uplink  # noqa: E402
 from lte_fed import worker as W  # noqa: E402
-from lte_fed.lte import HeadLTE  # noqa: E402
+from lte_fed.lte import StackedLTE  # noqa: E402
+from lte_fed.node import head_optimizer_state, load_head_optimizer_states, train_heads  # noqa: E402
 from lte_fed.rundir import CLIENT_STATE  # noqa: E402
 from lte_fed.spec import Spec  # noqa: E402
 from lte_fed.train import (load_optimizer_tensors, lr_at, make_optimizer, optimizer_tensors, prefixed,  # noqa: E402
@@ -52,9 +56,10 @@ def _need(record, key: str, where: str):
     return record[key]
 
 
-# Simulation's Ray actors live across rounds: keep the shard (and its job) once read. A deployed
-# SuperNode runs every message in a fresh process, which reads the shard from its state dir.
-@lru_cache(maxsize=4)
+# Simulation's Ray actors live across rounds: keep the shards (and their jobs) once read, one per
+# head a node trains. A deployed SuperNode runs every message in a fresh process, which reads the
+# shards from its state dir.
+@lru_cache(maxsize=16)
 def _node_data(spec_json: str, head: int, cache: str | None):
     return W.node_data(Spec.from_dict(P.spec_from_json(spec_json)), head, cache)
 
@@ -67,11 +72,26 @@ def _start_costs() -> tuple[costs.Stopwatch, dict]:
                                "imports_s": round(IMPORTS_S, 3) if first else 0.0}
 
 
+def node_capacity(node_config) -> dict:
+    """What this node tells the server (node ids are random per run): its partition-id (the
+    order nodes are filled in) and what it declares it can carry: `heads`, `rank`, `memory-gb`
+    (0 where not declared)."""
+    out = {"partition-id": int(_need(node_config, "partition-id", "node config"))}
+    for key, kind in (("heads", int), ("rank", int), ("memory-gb", float)):
+        value = node_config.get(key, 0)
+        try:
+            out[key] = kind(value)
+        except (TypeError, ValueError):
+            raise ClientConfigError(f"node config {key}={value!r} is not a number") from None
+        if out[key] < 0:
+            raise ClientConfigError(f"node config {key}={value!r} must be >= 0")
+    return out
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random per run)."""
-    pid = int(_need(context.node_config, "partition-id", "node config"))
-    return Message(RecordDict({P.CONFIG: ConfigRecord({"partition-id": pid})}), reply_to=msg)
+    """Tell the server this node's partition and capacity (`node_capacity`)."""
+    return Message(RecordDict({P.CONFIG: ConfigRecord(node_capacity(context.node_config))}), reply_to=msg)
 
 
 @app.train()
@@ -97,53 +117,77 @@ def _node_spec_json(spec_json: str, node_config) -> str:
 
 # ------------------------------------------------------------------------------------ LTE
 def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, config) -> Message:
+    """Train this node's heads (config "heads") stacked on one q(W); reply one record pair per head."""
     watch, cost = _start_costs()
-    head, rnd = int(_need(config, "head", "train config")), int(_need(config, "round", "train config"))
+    heads = [int(h) for h in _need(config, "heads", "train config")]
+    sources, committed = list(_need(config, "sources", "train config")), list(_need(config, "committed", "train config"))
+    rnd, state_round = int(_need(config, "round", "train config")), int(_need(config, "state_round", "train config"))
     start, steps = int(_need(config, "start_step", "train config")), int(_need(config, "steps", "train config"))
-    store = StateFiles(context, spec, str(_need(config, "run_id", "train config")), f"head-{head}")
+    ranks = [int(r) for r in _need(config, "ranks", "train config")]
+    run_id = str(_need(config, "run_id", "train config"))
+    stores = [StateFiles(context, spec, run_id, f"head-{h}") for h in heads]
     with watch("libs"):
         W.job_imports(spec)
     with watch("data"):
-        job, src = _node_data(spec_json, head, str(store.root))
+        job, src = W.node_sources(spec, heads, str(stores[0].root),
+                                  data=lambda _spec, h, cache: _node_data(spec_json, h, cache))
     with watch("model"):
-        model = _head_model(job, head, msg, cost)
-        opt = make_optimizer([p for p in model.parameters() if p.requires_grad], spec.lr, spec.train.weight_decay)
-        resid = _load_head(model, opt, store, msg, config)
-        model.load_head_state(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
-        began = {k: t.clone() for k, t in model.head_state().items()}  # the compressed uplink sends the change
+        model = _node_model(job, heads, ranks, msg, cost)
+        opt = make_optimizer(model.head_params(), spec.lr, spec.train.weight_decay)
+        restore = msg.content[P.RESTORE].to_torch_state_dict() if P.RESTORE in msg.content else {}
+        loaded = [_load_head(model, i, stores[i], sources[i], bool(committed[i]), unprefixed(str(h), restore),
+                             state_round) for i, h in enumerate(heads)]
+        cuts = [model.head_cuts(i) for i in range(len(heads))]
+        load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
+        model.load_replicas(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+        # the compressed uplink sends each head's change over the round
+        began = [{k: t.clone() for k, t in model.head_state(i).items()} for i in range(len(heads))]
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     with watch("train"):
-        losses = train_head(model, opt, src, head, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
-                            precision=spec.run.precision)
+        losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
+                             precision=spec.run.precision)
+    train_s = watch.laps.get("train", 0.0)
+    keep_from = int(config.get("keep_from", 0))
+    pid = int(context.node_config.get("partition-id", -1))
     with watch("reply"):
-        payload, resid = _uplink_payload(spec.comm.up, model.head_state(), began, resid)
-        store.save(P.wire(model.head_state(with_corr=True)), opt, rnd, int(config.get("keep_from", 0)), resid=resid)
-        reply = P.wire(_inject_fault(spec, head, rnd, payload))
-    metrics = {"head": head, "partition": int(context.node_config.get("partition-id", -1)),
-               "train_loss": sum(losses) / len(losses), "steps": steps, "num-examples": steps * src.per_head_batch,
-               **_costs(watch, cost)}
-    return Message(RecordDict({P.HEAD: ArrayRecord(reply), P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+        payloads = []
+        for i, store in enumerate(stores):
+            payload, resid = _uplink_payload(spec.comm.up, model.head_state(i), began[i], loaded[i][1])
+            store.save(P.wire(model.head_state(i, with_corr=True)), head_optimizer_state(opt, i, cuts[i]), rnd,
+                       keep_from, resid=resid)
+            payloads.append(payload)
+        replies = [P.wire(_inject_fault(spec, h, rnd, payloads[i])) for i, h in enumerate(heads)]
+    message_costs = _costs(watch, cost)
+    records = {}
+    for i, h in enumerate(heads):
+        records[P.head_record(h)] = ArrayRecord(replies[i])
+        records[P.metrics_record(h)] = MetricRecord({
+            "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
+            "num-examples": steps * src.per_head_batch, **message_costs})
+    _slow_down(spec, heads, rnd, train_s)
+    return Message(RecordDict(records), reply_to=msg)
 
 
 def _costs(watch: costs.Stopwatch, cost: dict) -> dict:
     return {**cost, **{k: round(v, 3) for k, v in watch.laps.items()}, **costs.peak_memory()}
 
 
-def _head_model(job, head: int, msg: Message, cost: dict) -> HeadLTE:
-    """Head `head` on the job's skeleton, filled with the message's q(W) and replicas; whether
-    any full-precision W was created meanwhile goes into `cost` (a quantized base only: with
-    quant.base=none the worker holds W by choice)."""
+def _node_model(job, heads: list[int], ranks: list[int], msg: Message, cost: dict) -> StackedLTE:
+    """The node's heads (each at its own rank) stacked on the job's skeleton, filled with the
+    message's q(W) and replicas; whether any full-precision W was created meanwhile goes into
+    `cost` (a quantized base only: with quant.base=none the node holds W by choice)."""
     base = _need(msg.content, P.BASE, "train message").to_torch_state_dict()
     replicas = _need(msg.content, P.REPLICAS, "train message").to_torch_state_dict()
     quantized = job.spec.quant.base != "none"
     with W.FullWeightWatch(W.lora_shapes_of(job) if quantized else set()) as seen:
-        model = W.head_model(job, head)
-        W.fill_head(model, base, replicas)
-        model.init_state = {k: t.clone() for k, t in model.head_state(with_corr=True).items()}
+        model = W.node_model(dataclasses.replace(job, plain=copy.deepcopy(job.plain)), heads, ranks)  # meta: free
+        W.fill_node(model, base, replicas)
+        model.init_state = [{k: t.clone() for k, t in model.head_state(i, with_corr=True).items()}
+                            for i in range(len(heads))]
     cost["full_weights"] = seen.count if quantized else -1
     if seen.count:
-        log.error("head %d: the model's build created full-precision W: %s", head, seen.seen)
+        log.error("heads %s: the model's build created full-precision W: %s", heads, seen.seen)
     return model.to(job.device)
 
 
@@ -154,34 +198,41 @@ def _uplink_payload(fmt: str, end: dict, start: dict, resid: dict) -> tuple[dict
     return uplink.ef_step(end, start, resid, fmt)
 
 
-def _load_head(model: HeadLTE, opt: torch.optim.Optimizer, store: "StateFiles", msg: Message, config) -> dict:
-    """The head's state as the server's "source" says (strategies/lte_strategy.py); returns the
-    uplink's error-feedback residual saved with it ({} when the head starts anew)."""
-    source = str(_need(config, "source", "train config"))
+def _load_head(model: StackedLTE, i: int, store: "StateFiles", source: str, committed: bool,
+               restore: dict[str, torch.Tensor], state_round: int
+               ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """Head slice i's state as the server's "source" says (strategies/lte_strategy.py); returns
+    its saved optimizer state, if it has one, and the uplink's error-feedback residual saved with
+    it ({} when the head starts anew: from its init or the server's copy)."""
     if source == "fresh":  # never trained: its init, drawn from (seed, head)
-        model.load_head_state(model.init_state)
-        return {}
+        model.load_head_state(i, model.init_state[i])
+        return None, {}
     if source in ("local", "local-or-restore"):
-        saved = store.load(int(_need(config, "state_round", "train config")))
+        saved = store.load(state_round)
         if saved is not None:
-            model.load_head_state(unprefixed("head", saved))
-            load_optimizer_tensors(opt, unprefixed("opt", saved))
-            if bool(_need(config, "committed", "train config")):
-                model.commit_merge()  # our last update is in W now: V <- B A (exact) or B <- 0
-            return unprefixed("resid", saved)
-    if source in ("restore", "local-or-restore") and P.RESTORE in msg.content:
-        model.load_head_state(msg.content[P.RESTORE].to_torch_state_dict())  # as of its last merge; AdamW anew
-        return {}
-    raise ClientConfigError(f"{store.name}: no saved state for round {config.get('state_round')} on this node "
+            model.load_head_state(i, unprefixed("head", saved))
+            if committed:
+                model.commit_head(i)  # our last update is in W now: V <- B A (exact) or B <- 0
+            return unprefixed("opt", saved), unprefixed("resid", saved)
+    if source in ("restore", "local-or-restore") and restore:
+        model.load_head_state(i, restore)  # as of its last merge; AdamW anew
+        return None, {}
+    raise ClientConfigError(f"{store.name}: no saved state for round {state_round} on this node "
                             f"and no {P.RESTORE!r} record (source {source!r})")
+
+
+def _fault_matches(spec: Spec, head: int, rnd: int) -> str | None:
+    """The fault kind of run.fault=KIND:HEAD:ROUND if it is for `head` in round `rnd`."""
+    if not spec.run.fault:
+        return None
+    kind, h, r = spec.run.fault.split(":")
+    return kind if int(h) == head and (r == "*" or int(r) == rnd) else None
 
 
 def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """run.fault=KIND:HEAD:ROUND (a testing aid): misbehave as a broken or vanished worker."""
-    if not spec.run.fault:
-        return reply
-    kind, h, r = spec.run.fault.split(":")
-    if (int(h), int(r)) != (head, rnd):
+    kind = _fault_matches(spec, head, rnd)
+    if kind is None or kind.startswith("slow"):
         return reply
     log.warning("injecting fault %r for head %d in round %d", kind, head, rnd)
     key = next(k for k in reply if k.endswith(("lora_B", "delta", "scale")))  # fp16 / int8 uplinks: one packed array
@@ -193,6 +244,16 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
         return reply | {key: reply[key][:-1].clone()}
     time.sleep(spec.run.round_timeout + 3)  # "hang": the server has given up on us by now
     return reply
+
+
+def _slow_down(spec: Spec, heads: list[int], rnd: int, train_s: float) -> None:
+    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD answers F x its training time late
+    (a slow device; the round deadline's test case)."""
+    for h in heads:
+        kind = _fault_matches(spec, h, rnd)
+        if kind is not None and kind.startswith("slow"):
+            time.sleep(float(kind[4:]) * train_s)
+            return
 
 
 class StateFiles:
@@ -216,13 +277,14 @@ class StateFiles:
     def _file(self, rnd: int) -> Path:
         return self.dir / f"{self.name}-r{rnd}.safetensors"
 
-    def save(self, tensors: dict[str, torch.Tensor], opt: torch.optim.Optimizer, rnd: int, keep_from: int,
+    def save(self, tensors: dict[str, torch.Tensor], opt: dict[str, torch.Tensor], rnd: int, keep_from: int,
              resid: dict[str, torch.Tensor] | None = None) -> None:
-        """`resid`: the compressed uplink's error-feedback residual, kept with the head."""
+        """Save `tensors`, the optimizer state `opt` (flat tensors) and `resid` (the compressed
+        uplink's error-feedback residual, kept with the head) as round `rnd`'s."""
         from safetensors.torch import save_file
 
         self.dir.mkdir(parents=True, exist_ok=True)
-        flat = prefixed("head", tensors) | prefixed("opt", optimizer_tensors(opt)) | prefixed("resid", P.wire(resid or {}))
+        flat = prefixed("head", tensors) | prefixed("opt", opt) | prefixed("resid", P.wire(resid or {}))
         flat = {k: t.contiguous() for k, t in flat.items()}
         tmp = self._file(rnd).with_suffix(".tmp")
         save_file(flat, str(tmp), metadata={"round": str(rnd)})
@@ -269,7 +331,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
         losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                             precision=spec.run.precision)
     with watch("reply"):
-        store.save({}, opt, rnd, int(config.get("keep_from", 0)))
+        store.save({}, optimizer_tensors(opt), rnd, int(config.get("keep_from", 0)))
         reply = P.wire(model.state_dict())
     metrics = {"head": worker, "train_loss": sum(losses) / len(losses), "num-examples": steps * src.per_head_batch,
                **_costs(watch, cost)}

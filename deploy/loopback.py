@@ -171,8 +171,17 @@ class Deployment:
         for i in range(self.nodes):
             self.start_node(i)
 
-    def start_node(self, i: int) -> None:
-        self.script("start_supernode.sh", i, self.nodes, env={"NODE_PORT": str(self.node_ports[i])})
+    def start_node(self, i: int, capacity: str = "") -> None:
+        """SuperNode i; `capacity` is node config it adds ("heads=2 rank=8", NODE_CAPACITY)."""
+        self.script("start_supernode.sh", i, self.nodes, env={"NODE_PORT": str(self.node_ports[i]),
+                                                              "NODE_CAPACITY": capacity})
+
+    def restart_nodes(self, capacity: dict[int, str]) -> None:
+        """Stop every SuperNode (SIGTERM deactivates it at once) and start it again, with the
+        node config `capacity[i]` adds ("heads=2 rank=8"; none if absent)."""
+        for i in range(self.nodes):
+            assert not wait_gone(kill_tree(self.pid(f"supernode_{i}"), signal.SIGTERM), 30)
+            self.start_node(i, capacity.get(i, ""))
 
     def run(self, run_config: str, log: Path) -> subprocess.Popen:
         """`flwr run REPO FEDERATION --stream`, in the background, its output in `log`."""

@@ -2,7 +2,8 @@
 # start_supernode.sh ID NUM_PARTITIONS [DATA_ROOT] — start one authenticated SuperNode in the
 # background: key $KEYS/node_ID, Runtime API port 9094+ID (each node on a machine needs its
 # own), node_config partition-id=ID num-partitions=N state-dir=$STATE/node_ID (the head and its
-# AdamW state, so a restarted node continues) and, with DATA_ROOT, data-root=DATA_ROOT.
+# AdamW state, so a restarted node continues), with DATA_ROOT data-root=DATA_ROOT, and with
+# NODE_CAPACITY (e.g. "heads=4 rank=16", "memory-gb=24") what the node can carry.
 # PID in $STATE/pids/supernode_ID.pid, log in $STATE/logs/supernode_ID.log.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -19,6 +20,8 @@ if [[ -f "$PIDF" ]] && running "$(cat "$PIDF")"; then die "supernode $ID already
 mkdir -p "$STATE/node_$ID"
 NODE_CONFIG="partition-id=$ID num-partitions=$N state-dir=\"$STATE/node_$ID\""
 [[ -z "$DATA_ROOT" ]] || NODE_CONFIG+=" data-root=\"$(cd "$DATA_ROOT" && pwd)\""
+# NODE_CAPACITY (optional): what this device can carry, e.g. "heads=4 rank=16" or "memory-gb=24"
+[[ -z "${NODE_CAPACITY:-}" ]] || NODE_CONFIG+=" $NODE_CAPACITY"
 
 LOG="$STATE/logs/supernode_$ID.log"
 SKIP=0; [[ -f "$LOG" ]] && SKIP=$(wc -l < "$LOG")

@@ -99,8 +99,10 @@ def round_costs(per_head: dict[int, dict]) -> dict[str, float]:
     return out
 
 
-def costs_line(rnd: int, head: int, m: dict) -> str:
-    """One head's costs for the server log."""
+def costs_line(rnd: int, head, m: dict) -> str:
+    """One message's costs for the server log: `head` an id, or the list of a node's heads."""
     t = " ".join(f"{k[:-2]} {float(m[k]):.2f}" for k in TIME_KEYS if k in m)
-    return (f"round {rnd}: head {head} cost {t} s; peak RSS {float(m.get('rss_peak_mib', 0)):.0f} MiB"
+    heads = list(head) if isinstance(head, (list, tuple)) else [head]
+    who = f"head {heads[0]}" if len(heads) == 1 else f"heads {','.join(map(str, heads))}"
+    return (f"round {rnd}: {who} cost {t} s; peak RSS {float(m.get('rss_peak_mib', 0)):.0f} MiB"
             + (f", CUDA {float(m['cuda_peak_mib']):.0f} MiB" if m.get("cuda_peak_mib") else ""))

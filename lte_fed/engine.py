@@ -80,7 +80,7 @@ class FusedRun:
         # comm.up=fp16/int8: every merge goes through what the server would receive (lte_fed/uplink.py)
         self.uplink = FusedUplink(self.model, s.comm.up) if s.method == "lte" and s.comm.up != "fp32" else None
         if self.uplink is not None:
-            self.bytes_up = uplink_bytes(self.uplink.layout, s.comm.up)
+            self.bytes_up = uplink_bytes(self.uplink.layouts[0], s.comm.up)  # one head's (the fused heads share lte.rank)
         self.eval_model = copy.deepcopy(self.job.plain).to(dev)
         self.step, self.round, self.wall = 0, 0, 0.0
 
@@ -114,7 +114,7 @@ class FusedRun:
         if s.method == "full":
             clip_per_head(self.params, s.train.clip, heads=1)
         else:
-            clip_per_head(self.params, s.train.clip, heads=self.model.cfg.heads)
+            clip_per_head(self.params, s.train.clip, heads=self.model.n_heads)
         self.opt.step()
         self.step += 1
         return per_head.mean().item()

@@ -91,7 +91,7 @@ def lte_config(spec: Spec) -> LTEConfig:
     variant = "reset" if spec.method == "lora_merge" else spec.lte.variant
     return LTEConfig(heads=spec.heads, rank=spec.lte.rank, alpha=float(spec.lte.alpha), variant=variant,
                      init=spec.lte.init, quant=spec.quant.base, keep_norm_affine=spec.lte.keep_norm_affine,
-                     seed=spec.run.seed)
+                     seed=spec.run.seed, rank_scale=spec.lte.rank_scale)
 
 
 def splits_data(spec: Spec) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from . import protocol as P
-from .lora import commit_factors, merge_update
+from .lora import commit_factors, merge_update_heads
 from .outer import OuterOptimizer
 from .uplink import reconstruct, wire_layout
 
@@ -135,11 +135,18 @@ class RoundMerge:
     """
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
-                 layout: dict, *, scale: float, variant: str, guard: Guard = Guard(),
+                 layout: dict, *, scale: float | dict[int, float], variant: str, guard: Guard = Guard(),
+                 layouts: dict[int, dict] | None = None, partial: str = "arrived",
                  outer: OuterOptimizer | None = None, uplink: str = "fp32"):
+        """`scale`: s, or head -> s when heads differ in rank; `layouts`: head -> its reply layout
+        where it differs from `layout` (another rank); `partial`: what a round where only some
+        heads arrived divides their sum by (run.partial_merge: "arrived" |S|, or "all" N);
+        `outer`: the outer optimizer (None: the plain average); `uplink`: comm.up, what replies
+        look like (each head's wire layout follows from its own layout)."""
         self.rnd, self.ledger, self.W, self.replicas, self.outer = rnd, ledger, W, replicas, outer
-        self.uplink, self.wire_layout = uplink, wire_layout(layout, uplink)  # comm.up: what replies look like
+        self.uplink = uplink
         self.layout, self.scale, self.exact, self.guard = layout, scale, variant == "exact", guard
+        self.layouts, self.partial = layouts or {}, partial
         self.sent: dict[int, int] = {}  # head -> node it was sent to this round
         self.got: dict[int, tuple[int, dict[str, torch.Tensor], float]] = {}  # head -> (node, state, loss)
         self.rejected: dict[int, str] = {}
@@ -147,17 +154,21 @@ class RoundMerge:
     def expect(self, head: int, node: int) -> None:
         self.sent[head] = node
 
-    def receive(self, head: int, content=None, error: str | None = None) -> str | None:
-        """Screen one reply for `head`; returns why it was rejected, or None if it was kept."""
+    def receive(self, head: int, content=None, error: str | None = None, *, arrays: str = P.HEAD,
+                metrics: str = P.METRICS) -> str | None:
+        """Screen one reply for `head` (its records `arrays`, `metrics`: a node's reply carries
+        one pair per head); returns why it was rejected, or None if it was kept."""
         if head not in self.sent:
             return self._reject(None, head, "reply for a head not sent this round")
         if head in self.got or head in self.rejected:
             return self._reject(None, head, "a second answer for this head (the first one counts)")
-        verdict = P.screen_reply(content, self.wire_layout, head, error)
+        head_layout = self.layouts.get(head, self.layout)
+        verdict = P.screen_reply(content, wire_layout(head_layout, self.uplink), head, error, arrays=arrays,
+                                 metrics=metrics)
         if verdict.reason is not None:
             return self._reject(head, head, verdict.reason)
         # A compressed reply is the round's change: the head is the ledger's copy plus it.
-        state = reconstruct(self.ledger[head].state, verdict.state, self.uplink, self.layout)
+        state = reconstruct(self.ledger[head].state, verdict.state, self.uplink, head_layout)
         self.got[head] = (self.sent[head], state, verdict.train_loss)
         return None
 
@@ -184,7 +195,7 @@ class RoundMerge:
             log.error("round %d: %d good head(s) < run.min_heads=%d: nothing merged this round",
                       self.rnd, len(good), min_heads)
             return result
-        new_W, new_replicas = self._merged({h: s for h, (_, s, _) in good.items()})
+        new_W, new_replicas = self._merged({h: s for h, (_, s, _) in good.items()})  # damped inside
         bad = [k for k, t in (new_W | new_replicas).items() if not torch.isfinite(t).all()]
         if bad:
             log.error("round %d: the merge would make %r non-finite: nothing merged this round", self.rnd, bad[0])
@@ -226,34 +237,48 @@ class RoundMerge:
                 del self.got[h]
                 self._reject(h, h, reason)
 
+    def scale_of(self, head: int) -> float:
+        return self.scale[head] if isinstance(self.scale, dict) else self.scale
+
     def _norms(self, head: int, state: dict[str, torch.Tensor]) -> dict[str, float]:
         saved = self.ledger[head].state
         out = {}
         for name in self.W:
             VB = saved[f"{name}.corr_B"] if self.exact else None
             VA = saved[f"{name}.corr_A"] if self.exact else None
-            out[name] = update_norm(state[f"{name}.lora_B"], state[f"{name}.lora_A"], VB, VA, self.scale)
+            out[name] = update_norm(state[f"{name}.lora_B"], state[f"{name}.lora_A"], VB, VA, self.scale_of(head))
         for name, r in self.replicas.items():
             out[name] = float((state[name].double() - r.double()).norm())
         return out
 
     @torch.no_grad()
     def _merged(self, good: dict[int, dict[str, torch.Tensor]]) -> tuple[dict, dict]:
-        """W + Δ with Δ = (s/|S|) Σ_{n∈S} (B_n A_n − V_n), and the replicas' mean over S (heads in
-        order, so the sums are deterministic); through the outer optimizer if there is one
-        (lte_fed/outer.py: its step instead of Δ, proposed here and committed with the merge)."""
+        """W + step(Δ) with Δ = (1/|S|) Σ_{n∈S} s_n (B_n A_n − V_n) (heads of any rank,
+        `merge_update_heads`), and the replicas' mean over S (heads in order, so the sums are
+        deterministic). step is the identity without an outer optimizer, else its step for Δ
+        (lte_fed/outer.py: proposed here, committed with the merge).
+
+        run.partial_merge=all with only a share |S|/N of the heads arrived damps Δ (and each
+        replica's change) by that share BEFORE the outer step: the outer optimizer's
+        pseudo-gradient is then the sum over S divided by N, and its momentum from earlier
+        rounds is not damped. With avg this is exactly W + (|S|/N) Δ."""
         heads = sorted(good)
+        share = len(heads) / len(self.ledger) if self.partial == "all" and len(heads) < len(self.ledger) else 1.0
         new_W = {}
         for name, W in self.W.items():
-            B = torch.stack([good[h][f"{name}.lora_B"].float() for h in heads])
-            A = torch.stack([good[h][f"{name}.lora_A"].float() for h in heads])
-            VB = torch.stack([self.ledger[h].state[f"{name}.corr_B"] for h in heads]) if self.exact else None
-            VA = torch.stack([self.ledger[h].state[f"{name}.corr_A"] for h in heads]) if self.exact else None
-            delta = merge_update(B, A, VB, VA, self.scale)
+            saved = [self.ledger[h].state for h in heads]
+            delta = merge_update_heads([
+                (good[h][f"{name}.lora_B"], good[h][f"{name}.lora_A"],
+                 st[f"{name}.corr_B"] if self.exact else None, st[f"{name}.corr_A"] if self.exact else None,
+                 self.scale_of(h)) for h, st in zip(heads, saved)])
+            if share != 1.0:
+                delta = delta * share
             new_W[name] = W + (delta if self.outer is None else self.outer.propose(name, delta))
         new_replicas = {}
         for name, old in self.replicas.items():
             mean = torch.stack([good[h][name].float() for h in heads]).mean(0)
+            if share != 1.0:
+                mean = old + share * (mean - old)
             new_replicas[name] = mean if self.outer is None else self.outer.propose_mean(name, mean, old)
         return new_W, new_replicas
 

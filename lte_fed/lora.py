@@ -54,6 +54,40 @@ def init_lora_A(rank: int, fan_in: int, scheme: str, generator: torch.Generator)
     return (torch.rand(rank, fan_in, generator=generator) * 2 - 1) * bound
 
 
+# ---------------------------------------------------------------------------------- scale
+RANK_SCALES = ("sqrt", "linear")
+
+
+def head_scale(alpha: float, rank: int, ref_rank: int, rule: str = "sqrt") -> float:
+    """s of a head of rank `rank` in a run whose lte.rank is `ref_rank`.
+
+    linear: s = alpha / rank (plain LoRA).
+    sqrt:   s = alpha / sqrt(rank · ref_rank): alpha / rank at the run's rank, and ∝ 1/√rank
+            across ranks. With A's rows scaled so that ‖A x‖ ≈ ‖x‖ and Adam moving every entry
+            of B by about the learning rate, ‖B A x‖ grows like √rank, so 1/√rank (rsLoRA's
+            rule) keeps the heads' updates the same size whatever their rank; 1/rank shrinks a
+            rank-16 head's update 2x against a rank-4 one's.
+    Both equal alpha / rank when every head has the run's rank (uniform runs are unchanged).
+    """
+    if rule == "linear" or rank == ref_rank:
+        return alpha / rank
+    if rule == "sqrt":
+        return alpha / math.sqrt(rank * ref_rank)
+    raise ValueError(f"lte.rank_scale={rule!r} is not one of {', '.join(RANK_SCALES)}")
+
+
+def _per_head(scale, like: torch.Tensor) -> "float | torch.Tensor":
+    """A float, or per-head scales as (N, 1, 1) on `like`'s device and dtype."""
+    return scale if isinstance(scale, float | int) else scale.to(like).view(-1, 1, 1)
+
+
+def pad_rank(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (r, n), B (m, r) zero-padded to `rank` >= r: B A is unchanged, and the padding stays
+    zero under training (its gradients are products with the other factor's zero padding)."""
+    r = A.shape[-2]
+    return F.pad(A, (0, 0, 0, rank - r)), F.pad(B, (0, rank - r))
+
+
 # ----------------------------------------------------------------------------------- math
 def lora_delta(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """Σ_n B_n A_n: B (N, m, r), A (N, r, n) -> (m, n), in fp32 (fp64 if the factors are)."""
@@ -66,12 +100,38 @@ def merge_update(
 ) -> torch.Tensor:
     """The merge's change to W: (s/N) Σ_n (B_n A_n - V_n), shapes B (N, m, r), A (N, r, n).
 
-    VB, VA are the factors of V (same shapes as B, A), or None for V = 0.
+    VB, VA are the factors of V (same shapes as B, A), or None for V = 0. `scale` is one float,
+    or a (N,) tensor of per-head scales (heads of different rank): (1/N) Σ_n s_n (B_n A_n - V_n).
     """
+    if not isinstance(scale, float | int):
+        s = _per_head(scale, B)
+        return merge_update(B * s, A, None if VB is None else VB * s, VA, 1.0)
     delta = lora_delta(B, A)
     if VB is not None:
         delta = delta - lora_delta(VB, VA)
     return delta * (scale / B.shape[0])
+
+
+def merge_update_heads(heads: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, float]]
+                       ) -> torch.Tensor:
+    """(1/|S|) Σ_n s_n (B_n A_n - V_n) over heads of any rank: `heads` lists (B (m, r_n),
+    A (r_n, n), V_B, V_A or None, s_n), in a fixed order. Heads of one rank and scale are
+    summed in one batch, so a run whose heads all have one rank computes exactly `merge_update`."""
+    groups: dict[tuple[int, float], list[int]] = {}
+    for i, (_, A, _, _, s) in enumerate(heads):
+        groups.setdefault((A.shape[0], float(s)), []).append(i)
+    total = None
+    for (_, s), idx in groups.items():
+        B = torch.stack([heads[i][0].float() for i in idx])
+        A = torch.stack([heads[i][1].float() for i in idx])
+        exact = heads[idx[0]][2] is not None
+        VB = torch.stack([heads[i][2] for i in idx]) if exact else None
+        VA = torch.stack([heads[i][3] for i in idx]) if exact else None
+        part = merge_update(B, A, VB, VA, s)
+        if len(groups) > 1:
+            part = part * (len(idx) / len(heads))
+        total = part if total is None else total + part
+    return total
 
 
 @torch.no_grad()
@@ -122,6 +182,9 @@ def fold_correction(W: torch.Tensor, VB: torch.Tensor, VA: torch.Tensor, scale: 
     VA (N, r, n) -> (N, m, n) (one folded base per head). `out=W` folds in place (W must be a
     transient the caller owns, e.g. a fresh dequantization)."""
     if VB.ndim == 3:
+        if not isinstance(scale, float | int):  # per-head scales
+            return torch.baddbmm(W.expand(VB.shape[0], *W.shape[-2:]), VB.to(W.dtype) * -_per_head(scale, W),
+                                 VA.to(W.dtype))
         return torch.baddbmm(W.expand(VB.shape[0], *W.shape[-2:]), VB.to(W.dtype), VA.to(W.dtype), alpha=-scale)
     if out is not None:
         return out.addmm_(VB.to(W.dtype), VA.to(W.dtype), alpha=-scale)
@@ -326,21 +389,43 @@ class StackedLoRALinear(nn.Module):
         quant: str = "nf4",
         generators: list[torch.Generator],
         fold: bool = True,
+        ranks: list[int] | None = None,
+        scales: list[float] | None = None,
     ):
         super().__init__()
         _check(rank, variant)
         if len(generators) != heads:
             raise ValueError("one generator per head is required")
         m, n = linear.weight.shape
+        # Heads of different rank (`ranks`, one per head) are zero-padded to the largest, which
+        # changes nothing (`pad_rank`), each with its own scale (`scales`, default alpha / rank).
+        self.ranks = [rank] * heads if ranks is None else [int(r) for r in ranks]
+        if len(self.ranks) != heads or min(self.ranks) <= 0:
+            raise ValueError(f"one positive rank per head is required, got {ranks!r}")
+        rank = max(self.ranks)
         self.in_features, self.out_features, self.rank, self.heads = n, m, rank, heads
         self.scale = alpha / rank
+        head_scales = [alpha / r for r in self.ranks] if scales is None else [float(x) for x in scales]
+        if len(set(head_scales)) > 1:
+            self.register_buffer("head_scales", torch.tensor(head_scales), persistent=False)
+        else:
+            self.scale, self.head_scales = head_scales[0], None
         self.variant = variant
         self.quant = quant
         self.mode = "split"
         self.fold = fold
-        self.register_buffer("weight", linear.weight.detach().clone().float())
-        self.base = None if quant == "none" else QuantizedWeight.from_weight(self.weight, quant)
-        self.lora_A = nn.Parameter(torch.stack([init_lora_A(rank, n, init, g) for g in generators]))
+        if linear.weight.is_meta:
+            # A skeleton (a Flower node's stacked heads, lte_fed/worker.py): q(W) arrives later and
+            # W never exists here (quant none: W itself is what arrives). Such a layer trains; it
+            # cannot merge (the server merges), and dequantizes per use like a worker's LoRALinear.
+            self.register_buffer("weight", torch.zeros((m, n) if quant == "none" else (0,)))
+            self.base = None if quant == "none" else QuantizedWeight((m, n), quant)
+            self.cache_base = False
+        else:
+            self.register_buffer("weight", linear.weight.detach().clone().float())
+            self.base = None if quant == "none" else QuantizedWeight.from_weight(self.weight, quant)
+        self.lora_A = nn.Parameter(torch.stack([F.pad(init_lora_A(r, n, init, g), (0, 0, 0, rank - r))
+                                                for r, g in zip(self.ranks, generators)]))
         self.lora_B = nn.Parameter(torch.zeros(heads, m, rank))
         self.bias = None
         if linear.bias is not None:
@@ -368,17 +453,24 @@ class StackedLoRALinear(nn.Module):
         Costs N·m·n floats, and makes the exact variant's step cost the reset variant's: V is
         never applied to the tokens."""
         key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
-                         self.corr_A, self.corr_B), self.scale)
+                         self.corr_A, self.corr_B, self.head_scales), self.scale)
 
         def make():
             w = self.weight if self.base is None else self.base.dequantize()
-            return fold_correction(w, self.corr_B, self.corr_A, self.scale)
+            return fold_correction(w, self.corr_B, self.corr_A, self.s)
 
         return _cached(self, "_fold_cache", key, make)
 
+    @property
+    def s(self) -> "float | torch.Tensor":
+        """The scale: one float, or (N,) per-head scales when the heads' ranks differ."""
+        return self.scale if self.head_scales is None else self.head_scales
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, s = self.heads, self.scale
+        N, s = self.heads, self.s
         if self.mode == "sum":
+            if self.head_scales is not None:
+                raise ValueError("multi-head LoRA (mode 'sum') needs heads of one rank")
             y = F.linear(x, self._base_weight().to(x.dtype))
             A = self.lora_A.reshape(N * self.rank, -1)  # (N r, n)
             B = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)  # (m, N r)
@@ -387,6 +479,8 @@ class StackedLoRALinear(nn.Module):
         if x.shape[0] % N:
             raise ValueError(f"batch of {x.shape[0]} does not split into {N} heads")
         xs = x.reshape(N, -1, self.in_features)  # head n owns the n-th slice of the batch
+        if not isinstance(s, float):
+            s = s.to(xs.dtype).view(-1, 1, 1)
         if self.impl == "plain":
             y = lte_linear_plain(xs, self._base_weight(), self.lora_A, self.lora_B, self.bias, self.corr_A,
                                  self.corr_B, s)
@@ -398,13 +492,14 @@ class StackedLoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self, step=None, average_bias: bool = True, factors=None) -> None:
-        """W <- W + Δ with Δ = (s/N) Σ (B_n A_n - V_n), or W + step(Δ) (an outer optimizer,
-        lte_fed/outer.py); then V <- B A (exact) or B <- 0 (reset); biases averaged unless the
-        caller merges them (`average_bias=False`); q(W) refreshed. `factors` = (B, A, V_B, V_A)
-        stacked like lora_B, lora_A (V: None for 0) computes Δ from what the server received
-        instead of the heads' own factors (a compressed uplink, lte_fed/uplink.py)."""
+        """W <- W + Δ with Δ = (1/N) Σ s_n (B_n A_n - V_n) (s_n per head when ranks differ, else
+        one s), or W + step(Δ) (an outer optimizer, lte_fed/outer.py); then V <- B A (exact) or
+        B <- 0 (reset); biases averaged unless the caller merges them (`average_bias=False`);
+        q(W) refreshed. `factors` = (B, A, V_B, V_A) stacked like lora_B, lora_A (zero-padded to
+        this layer's rank; V: None for 0) computes Δ from what the server received instead of
+        the heads' own factors (a compressed uplink, lte_fed/uplink.py)."""
         B, A, VB, VA = factors if factors is not None else (self.lora_B, self.lora_A, self.corr_B, self.corr_A)
-        delta = merge_update(B, A, VB, VA, self.scale).to(self.weight)
+        delta = merge_update(B, A, VB, VA, self.s).to(self.weight)
         self.weight += delta if step is None else step(delta)
         commit_factors(self.lora_A, self.lora_B, self.corr_A, self.corr_B, self.variant)
         if self.bias is not None and average_bias:
@@ -414,7 +509,7 @@ class StackedLoRALinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """What W would be after a merge now, without changing anything: (m, n)."""
-        return self.weight + merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.scale).to(self.weight)
+        return self.weight + merge_update(self.lora_B, self.lora_A, self.corr_B, self.corr_A, self.s).to(self.weight)
 
     def extra_repr(self) -> str:
         return (

@@ -29,7 +29,7 @@ from torch import nn
 
 from . import rng
 from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
-from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear
+from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors, head_scale, pad_rank
 from .quant import check_format
 from .spec import LTESpec, QuantSpec, RunSpec
 
@@ -54,6 +54,7 @@ class LTEConfig:
     quant: str = QuantSpec.base
     keep_norm_affine: bool = LTESpec.keep_norm_affine
     seed: int = RunSpec.seed
+    rank_scale: str = LTESpec.rank_scale  # how s depends on a head's rank when ranks differ (lora.head_scale)
     # The fused engine folds the exact variant's V_n into per-head bases W - s·V_n (N·m·n fp32
     # per layer) when all of them together fit in this many bytes; otherwise V is applied to
     # the tokens every step (exact LTE then costs 4·r(m+n)/(m·n) more per token than reset).
@@ -309,18 +310,36 @@ class StackedLTE(nn.Module):
     all heads, replicas are the mean of their copies.
     """
 
-    def __init__(self, model: nn.Module, cfg: LTEConfig):
+    def __init__(self, model: nn.Module, cfg: LTEConfig, head_ids: list[int] | None = None,
+                 ranks: list[int] | None = None):
         super().__init__()
         self.cfg = cfg
-        N = cfg.heads
+        # The global ids of the heads held here, in slice order (default: all N). Head n's A is
+        # drawn from (seed, n) whatever else is held, so a node with heads {4..7} starts them as
+        # the fused engine's slices 4..7.
+        self.head_ids = list(range(cfg.heads)) if head_ids is None else [int(h) for h in head_ids]
+        if not self.head_ids or len(set(self.head_ids)) != len(self.head_ids) or \
+                not all(0 <= h < cfg.heads for h in self.head_ids):
+            raise ValueError(f"head ids {self.head_ids} must be distinct and in 0..{cfg.heads - 1}")
+        N = len(self.head_ids)
+        # Heads may differ in rank (one per node, say): each is zero-padded to the largest and
+        # scaled by its own s (lora.head_scale); its state travels at its own rank.
+        self.ranks = [cfg.rank] * N if ranks is None else [int(r) for r in ranks]
+        if len(self.ranks) != N or min(self.ranks) <= 0:
+            raise ValueError(f"ranks {ranks!r}: one positive rank per head is required")
+        scales = [head_scale(cfg.alpha, r, cfg.rank, cfg.rank_scale) for r in self.ranks]
         net = copy.deepcopy(model)
         self.plan = plan(net, cfg.keep_norm_affine)
-        gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in range(N)]
+        gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in self.head_ids]
         fold_bytes = 4 * N * sum(net.get_submodule(name).weight.numel() for name in self.plan.lora)
+        # Built from a skeleton (a node, lte_fed/worker.py: no W here): never fold W - s·V_n, which
+        # would hold k full-precision m×n bases; V is applied to the tokens instead.
+        skeleton = any(net.get_submodule(name).weight.is_meta for name in self.plan.lora)
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
                                       init=cfg.init, quant=cfg.quant, generators=gens,
-                                      fold=fold_bytes <= cfg.fold_max_bytes)
+                                      fold=not skeleton and fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks,
+                                      scales=scales)
             _set(net, name, layer)
         self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas
         for name, shape in self.plan.replicas.items():
@@ -343,6 +362,7 @@ class StackedLTE(nn.Module):
             owner.register_parameter(f"{attr}_heads", nn.Parameter(p.detach().expand(N, *shape).clone()))
             setattr(owner, attr, p.detach())  # a plain attribute, replaced before each forward
             self._slots.append((owner_name, attr))
+        _materialize(net)  # a skeleton's replicas: zeros until the server's values are loaded
         self.net = net
         self.mode = "split"
         for p in self.replica_params().values():
@@ -357,8 +377,13 @@ class StackedLTE(nn.Module):
             if isinstance(m, _STACKED_OWNERS):
                 m.mode = mode
 
+    @property
+    def n_heads(self) -> int:
+        """Heads held here (the slices of a batch)."""
+        return len(self.head_ids)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N = self.cfg.heads
+        N = self.n_heads
         if self.mode == "split" and x.shape[0] % N:
             raise ValueError(f"batch of {x.shape[0]} does not split into {N} heads")
         for owner_name, attr in self._slots:
@@ -415,15 +440,60 @@ class StackedLTE(nn.Module):
 
     # --- state
     def head_state(self, n: int, with_corr: bool = False) -> dict[str, torch.Tensor]:
-        """Head n's state in the same layout as `HeadLTE.head_state`."""
-        out = {}
+        """Head n's state in the same layout as `HeadLTE.head_state` (at the head's own rank)."""
+        out, r = {}, self.ranks[n]
         for name, l in self.lora_layers().items():
-            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = l.lora_A[n].detach(), l.lora_B[n].detach()
+            out[f"{name}.lora_A"], out[f"{name}.lora_B"] = l.lora_A[n, :r].detach(), l.lora_B[n, :, :r].detach()
             if with_corr and l.corr_A is not None:
-                out[f"{name}.corr_A"], out[f"{name}.corr_B"] = l.corr_A[n], l.corr_B[n]
+                out[f"{name}.corr_A"], out[f"{name}.corr_B"] = l.corr_A[n, :r], l.corr_B[n, :, :r]
         for name, p in self.replica_params().items():
             out[name] = p[n].detach().reshape(self.plan.replicas[name])
         return out
+
+    @torch.no_grad()
+    def load_head_state(self, n: int, state: dict[str, torch.Tensor]) -> None:
+        """Write head slice n from a state in `head_state`'s layout (corr_* optional; replicas
+        missing from `state` are left as they are)."""
+        for name, l in self.lora_layers().items():
+            pairs = [(l.lora_A, l.lora_B, "lora")]
+            if l.corr_A is not None and f"{name}.corr_A" in state:
+                pairs.append((l.corr_A, l.corr_B, "corr"))
+            for A, B, kind in pairs:
+                a, b = pad_rank(state[f"{name}.{kind}_A"], state[f"{name}.{kind}_B"], l.rank)
+                A[n].copy_(a)
+                B[n].copy_(b)
+        self.load_replicas(state, [n])
+
+    def head_cuts(self, n: int) -> list[tuple]:
+        """For each of `head_params()`, the index of head n's own part of its slice (its rank's
+        rows of A, columns of B; all of a replica): what of its optimizer state travels."""
+        r = self.ranks[n]
+        cuts = [c for _ in self.lora_layers() for c in ((slice(0, r),), (slice(None), slice(0, r)))]
+        return cuts + [()] * len(self.replica_params())
+
+    @torch.no_grad()
+    def load_replicas(self, state: dict[str, torch.Tensor], slices: list[int] | None = None) -> None:
+        """Copy the replicas named in `state` (plain shapes) into the given head slices (all)."""
+        for name, p in self.replica_params().items():
+            if name in state:
+                for n in range(self.n_heads) if slices is None else slices:
+                    p[n].copy_(state[name].reshape(p[n].shape))
+
+    @torch.no_grad()
+    def commit_head(self, n: int) -> None:
+        """Head slice n's last update is in W now: V <- B A (exact) or B <- 0 (reset)."""
+        for l in self.lora_layers().values():
+            VA, VB = (None, None) if l.corr_A is None else (l.corr_A[n], l.corr_B[n])
+            commit_factors(l.lora_A[n], l.lora_B[n], VA, VB, l.variant)
+
+    @torch.no_grad()
+    def load_base_state(self, state: dict[str, torch.Tensor]) -> None:
+        """q(W) as the server sends it ("<linear>.base.<part>", `HeadLTE.base_state` names)."""
+        for name, l in self.lora_layers().items():
+            if l.base is None:  # full-precision base: the one part is W itself
+                l.weight.copy_(state[f"{name}.base.weight"])
+            else:
+                l.base.set_parts({k: state[f"{name}.base.{k}"] for k in l.base.parts()})
 
     @torch.no_grad()
     def plain_state(self) -> dict[str, torch.Tensor]:

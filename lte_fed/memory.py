@@ -214,3 +214,13 @@ def largest_fitting(family: str, device_bytes: int, cfg: "LTEConfig", batch: int
 def family_of(name: str) -> str | None:
     """The FAMILIES key whose ladder holds `name`, or None."""
     return next((f for f, names in FAMILIES.items() if name in names), None)
+
+
+def heads_that_fit(shape: ModelShape, cfg: "LTEConfig", per_head_batch: int, memory_bytes: float) -> int:
+    """How many heads of `cfg.rank` a node with `memory_bytes` can train stacked (node config
+    `memory-gb`): the base and the transient fp32 workspace are held once, and each head adds
+    what `estimate_lte` counts for one head beyond them (its factors, V, AdamW moments, gradients
+    or activations at its share of the batch). At least 0."""
+    one = estimate_lte(shape, cfg, per_head_batch)
+    shared = one["base"] + one["workspace"]
+    return max(0, int((memory_bytes - shared) // max(1, one["total"] - shared)))

@@ -3,19 +3,23 @@
 Pure Python/PyTorch: the Flower side wraps these dicts in ArrayRecord / ConfigRecord /
 MetricRecord. Names are those of the prepared plain model (lte.py).
 
-Server -> worker, one TRAIN message per head per round:
+Server -> node, one TRAIN message per node per round, carrying all the heads it trains:
     "base"      ArrayRecord  "<linear>.base.<part>": q(W), the packed quantized base
     "replicas"  ArrayRecord  "<replica>": the merged replica tensors
-    "restore"   ArrayRecord  (only when the worker must take the head over) the head's state
-                             as of its last merge: lora_A, lora_B, corr_A, corr_B, replicas
-    "config"    ConfigRecord "head", "start_step", "steps", "committed" (the head's previous
-                             contribution was merged: apply V <- B A or B <- 0 first),
+    "restore"   ArrayRecord  (only for heads the node must take over) "<head>.<name>": each such
+                             head's state as of its last merge: lora_A, lora_B, corr_A, corr_B,
+                             replicas
+    "config"    ConfigRecord "heads" (list of head ids), "sources" and "committed" (one per
+                             head: where its state comes from; its previous contribution was
+                             merged, so apply V <- B A or B <- 0 first), "start_step", "steps",
                              "round", "spec" (the run spec as JSON)
-Worker -> server:
-    "head"      ArrayRecord  "<linear>.lora_A", "<linear>.lora_B", "<replica>" (comm.up=fp32), or
-                             the round's change packed as "delta" (fp16) or "q" + "scale" (int8),
-                             decoded against the server's copy of the head (lte_fed/uplink.py)
-    "metrics"   MetricRecord "head", "partition", "train_loss", "steps", "num-examples"
+Node -> server, one record pair per head (a bad head is refused alone):
+    "head.<h>"     ArrayRecord  "<linear>.lora_A", "<linear>.lora_B", "<replica>" at the head's own
+                                rank (comm.up=fp32), or the round's change packed as "delta"
+                                (fp16) or "q" + "scale" (int8), decoded against the server's copy
+                                of the head (lte_fed/uplink.py)
+    "metrics.<h>"  MetricRecord "head", "partition", "train_loss", "steps", "num-examples", and
+                                the node's per-message costs (lte_fed/costs.py)
 """
 
 from __future__ import annotations
@@ -27,6 +31,16 @@ from dataclasses import dataclass
 import torch
 
 BASE, REPLICAS, RESTORE, CONFIG, HEAD, METRICS, WEIGHTS = "base", "replicas", "restore", "config", "head", "metrics", "arrays"
+
+
+def head_record(head: int) -> str:
+    """The reply's ArrayRecord holding `head`."""
+    return f"{HEAD}.{head}"
+
+
+def metrics_record(head: int) -> str:
+    """The reply's MetricRecord of `head`."""
+    return f"{METRICS}.{head}"
 
 
 def wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,18 +91,19 @@ class Verdict:
 
 
 def screen_reply(content, layout: dict[str, tuple[tuple[int, ...], torch.dtype]], head: int,
-                 error: str | None = None, arrays: str = HEAD) -> Verdict:
+                 error: str | None = None, arrays: str = HEAD, metrics: str = METRICS) -> Verdict:
     """The one gate every worker reply goes through before anything is merged.
 
     `content` is whatever the reply carried (a Flower RecordDict, or anything else a broken or
     hostile worker could send); `error` is the reply's error reason, if it was an error reply.
     Returns the tensors of record `arrays` (exactly `layout`'s names, shapes, dtypes, all
-    finite) with the training loss, or the reason it was refused. Nothing raised inside escapes.
+    finite) with the training loss of record `metrics`, or the reason it was refused. Nothing
+    raised inside escapes.
     """
     try:
         if error is not None:
             raise ReplyError(f"the worker failed: {str(error)[:300]}")
-        state, loss = _decode(content, head, arrays)
+        state, loss = _decode(content, head, arrays, metrics)
         validate_head_reply(state, layout)
         return Verdict(state, loss)
     except ReplyError as e:
@@ -97,7 +112,7 @@ def screen_reply(content, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
         return Verdict(None, reason=f"unreadable reply ({type(e).__name__}: {str(e)[:200]})")
 
 
-def _decode(content, head: int, arrays: str) -> tuple[dict[str, torch.Tensor], float]:
+def _decode(content, head: int, arrays: str, metrics_key: str) -> tuple[dict[str, torch.Tensor], float]:
     if content is None or not hasattr(content, "keys"):
         raise ReplyError(f"no records in the reply (got {type(content).__name__})")
     if arrays not in content:
@@ -109,9 +124,9 @@ def _decode(content, head: int, arrays: str) -> tuple[dict[str, torch.Tensor], f
         state = dict(record.to_torch_state_dict())
     except Exception as e:  # noqa: BLE001 -- truncated bytes, unknown serialization, odd dtypes
         raise ReplyError(f"the {arrays!r} arrays cannot be decoded ({type(e).__name__}: {str(e)[:200]})") from None
-    if METRICS not in content or not hasattr(content[METRICS], "keys"):
-        raise ReplyError(f"no {METRICS!r} record in the reply")
-    metrics = content[METRICS]
+    if metrics_key not in content or not hasattr(content[metrics_key], "keys"):
+        raise ReplyError(f"no {metrics_key!r} record in the reply")
+    metrics = content[metrics_key]
     claimed, loss = metrics.get("head"), metrics.get("train_loss")
     if not isinstance(claimed, int) or isinstance(claimed, bool) or claimed != head:
         raise ReplyError(f"the reply is for head {claimed!r}, not head {head}")

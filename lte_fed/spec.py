@@ -67,6 +67,10 @@ class LTESpec:
     outer_momentum: float = 0.9
     outer_beta2: float = 0.99
     outer_eps: float = 1e-8
+    # Heads of different rank (a node's `rank` in its node config): s = alpha / sqrt(rank * lte.rank)
+    # ("sqrt", each head's update the same size whatever its rank) or alpha / rank ("linear");
+    # the same for heads at lte.rank. docs/heterogeneous.md has the measurement.
+    rank_scale: str = "sqrt"
 
 
 @dataclass
@@ -126,6 +130,23 @@ class RunSpec:
     client_cpus: float = 1.0  # flower engine: CPUs per virtual node
     client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
     min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
+    # flower engine, simulation: virtual nodes sharing the N heads (each trains its share stacked,
+    # as the fused engine does). 0: as many as the machine runs in parallel (CPU cores /
+    # run.client_cpus, or GPUs / run.client_gpus), at most lte.heads. In a deployment: the
+    # nodes the server waits for before round 1 (0: until their capacity covers lte.heads).
+    nodes: int = 0
+    # flower engine, simulation: what each simulated node declares, as a deployed node's node
+    # config would, in partition order, ";"-separated: "heads=2 rank=16;rank=4;memory-gb=2" (a
+    # mixed fleet on one box). Null: every node declares nothing (an even share at lte.rank).
+    fleet: str | None = None
+    # flower engine: seconds after which a round merges the heads that arrived (0: wait for all,
+    # up to run.round_timeout); a late head's update is dropped and it restarts from the
+    # server's state.
+    round_deadline: float = 0.0
+    # flower engine: what a round in which only the heads S arrived divides their summed update
+    # by: "arrived" (|S|: the mean of the arrived heads' updates) or "all" (N: each head moves
+    # W as far as in a full round). docs/heterogeneous.md has the measurement.
+    partial_merge: str = "arrived"
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
     # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
     # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
@@ -133,8 +154,9 @@ class RunSpec:
     max_update_ratio: float = 10.0
     max_update_outlier: float = 20.0
     # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
-    # client fails), nan (replies NaN factors), shape (replies a wrong shape), hang (replies
-    # only after the round timed out, as a node gone for that round).
+    # client fails: every head of its node), nan (replies NaN factors), shape (replies a wrong
+    # shape), hang (replies only after the round timed out, as a node gone for that round),
+    # slow<F> (the node sleeps F times its training time before replying; ROUND * = every round).
     fault: str | None = None
     progress: bool = True
     verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
@@ -271,10 +293,40 @@ def _check_types(node, prefix: str = "") -> None:
             raise SpecError(f"{key}: must be {want}, got {v!r}")
 
 
+FLEET_KEYS = {"heads": int, "rank": int, "memory-gb": float}
+
+
+def parse_fleet(text: str) -> list[dict[str, float]]:
+    """run.fleet "heads=2 rank=16;rank=4" -> [{"heads": 2, "rank": 16}, {"rank": 4}]."""
+    out = []
+    for entry in str(text).split(";"):
+        node = {}
+        for item in entry.split():
+            key, eq, value = item.partition("=")
+            if not eq or key not in FLEET_KEYS:
+                raise ValueError(f"{item!r} is not one of {', '.join(k + '=...' for k in FLEET_KEYS)}")
+            try:
+                node[key] = FLEET_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {value!r} is not a number") from None
+            if node[key] <= 0:
+                raise ValueError(f"{item!r} must be > 0")
+        out.append(node)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def validate(s: Spec) -> Spec:
     """Raise SpecError naming the first bad key; returns `s` for chaining."""
     from .data import DATASETS, TEXT_DATASETS
-    from .lora import INITS, VARIANTS
+    from .lora import INITS, RANK_SCALES, VARIANTS
     from .models import is_language_model, list_models
     from .text import PARTITIONS, TOKENIZERS
     from .outer import OUTERS
@@ -295,6 +347,7 @@ def validate(s: Spec) -> Spec:
     _need(0 <= s.lte.outer_beta2 < 1, "lte.outer_beta2", f"must be in [0, 1), got {s.lte.outer_beta2!r}")
     _need(s.lte.outer_eps > 0, "lte.outer_eps", f"must be > 0, got {s.lte.outer_eps!r}")
     _need(s.comm.up in UPLINKS, "comm.up", f"{s.comm.up!r} is not one of {', '.join(UPLINKS)}")
+    _need(s.lte.rank_scale in RANK_SCALES, "lte.rank_scale", f"{s.lte.rank_scale!r} is not one of {', '.join(RANK_SCALES)}")
     _need(s.quant.base in QUANT_FORMATS, "quant.base", f"{s.quant.base!r} is not one of {', '.join(QUANT_FORMATS)}")
     _need(s.model.name in list_models(), "model.name", f"{s.model.name!r} is unknown; available: {', '.join(list_models())}")
     _need(s.data.name in DATASETS, "data.name", f"{s.data.name!r} is not one of {', '.join(DATASETS)}")
@@ -344,10 +397,27 @@ def validate(s: Spec) -> Spec:
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
     if s.method == "mhlora":
         _need(s.run.engine == "fused", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
+    _need(s.run.nodes >= 0, "run.nodes", f"must be an integer >= 0 (0: as many as run in parallel), got {s.run.nodes!r}")
+    if s.method == "lte":
+        _need(s.run.nodes <= s.lte.heads, "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: every node "
+              "trains at least one head")
+    if s.run.fleet:
+        try:
+            entries = parse_fleet(s.run.fleet)
+        except ValueError as e:
+            raise SpecError(f"run.fleet: {e}") from None
+        _need(not s.run.nodes or len(entries) == s.run.nodes, "run.fleet",
+              f"has {len(entries)} node(s) but run.nodes={s.run.nodes}")
+    _need(s.run.partial_merge in ("arrived", "all"), "run.partial_merge",
+          f"{s.run.partial_merge!r} is not arrived or all")
+    _need(s.run.round_deadline >= 0, "run.round_deadline", f"must be >= 0 (0: none), got {s.run.round_deadline!r}")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")
-        _need(kind in ("raise", "nan", "shape", "hang") and len(rest) == 2 and all(r.isdigit() for r in rest),
-              "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang")
+        slow = kind.startswith("slow") and _is_number(kind[4:]) and float(kind[4:]) > 0
+        _need((kind in ("raise", "nan", "shape", "hang") or slow) and len(rest) == 2 and rest[0].isdigit()
+              and (rest[1].isdigit() or slow and rest[1] == "*"),
+              "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang|slow<factor> "
+              "(slow may take ROUND *)")
     if s.data.name == "imagefolder":
         _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
     return s

@@ -165,8 +165,9 @@ class FusedUplink:
     def __init__(self, model, fmt: str):
         from .protocol import expected_head_layout
 
-        self.fmt, self.heads, self.variant = check_uplink(fmt), model.cfg.heads, model.cfg.variant
-        self.layout = expected_head_layout(model.head_state(0))
+        self.fmt, self.heads, self.variant = check_uplink(fmt), model.n_heads, model.cfg.variant
+        # each head's own layout: heads of different rank travel at their own rank
+        self.layouts = [expected_head_layout(model.head_state(n)) for n in range(self.heads)]
         self.start = [_clone(model.head_state(n)) for n in range(self.heads)]
         self.resid: list[dict[str, torch.Tensor]] = [{} for _ in range(self.heads)]
         self.server = [_clone(model.head_state(n, with_corr=True)) for n in range(self.heads)]
@@ -174,18 +175,21 @@ class FusedUplink:
     @torch.no_grad()
     def merge(self, model, outer=None, anchors: dict[str, torch.Tensor] | None = None) -> None:
         """`StackedLTE.merge`, with the merge computed from the rebuilt replies."""
-        from .lora import commit_factors
+        from .lora import commit_factors, pad_rank
 
         got = []
         for n in range(self.heads):
             wire, self.resid[n] = ef_step(model.head_state(n), self.start[n], self.resid[n], self.fmt)
-            got.append(reconstruct(self.server[n], wire, self.fmt, self.layout))
+            got.append(reconstruct(self.server[n], wire, self.fmt, self.layouts[n]))
         stack = lambda key, src: torch.stack([s[key] for s in src])  # noqa: E731
         exact = self.variant == "exact"
         for name, layer in model.lora_layers().items():
-            factors = (stack(f"{name}.lora_B", got), stack(f"{name}.lora_A", got),
-                       stack(f"{name}.corr_B", self.server) if exact else None,
-                       stack(f"{name}.corr_A", self.server) if exact else None)
+            def padded(kind, src, name=name, layer=layer):  # (B, A) stacked, zero-padded to the layer's rank
+                pairs = [pad_rank(s[f"{name}.{kind}_A"], s[f"{name}.{kind}_B"], layer.rank) for s in src]
+                return torch.stack([b for _, b in pairs]), torch.stack([a for a, _ in pairs])
+            B, A = padded("lora", got)
+            VB, VA = padded("corr", self.server) if exact else (None, None)
+            factors = (B, A, VB, VA)
             step = None if outer is None else (lambda d, name=name: outer.propose(name, d))
             layer.merge(step, average_bias=False, factors=factors)
         merged = {}

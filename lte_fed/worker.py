@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import data as D
 from .job import Job, batch_source, lte_config, setup, splits_data
-from .lte import HeadLTE
+from .lte import HeadLTE, StackedLTE
 from .spec import Spec
 from .train import BatchSource
 
@@ -155,6 +155,50 @@ def fill_head(model: HeadLTE, base: dict[str, torch.Tensor], replicas: dict[str,
         raise KeyError(f"the message lacks {len(missing)} tensor(s) of the model, e.g. {missing[0]!r}")
     model.load_base_state(base)
     model.load_head_state({n: replicas[n] for n in model.plan.replicas})
+
+
+class NodeSource:
+    """The batches of a node's heads: head h's from its own shard's source (`node_sources`)."""
+
+    def __init__(self, sources: dict[int, BatchSource]):
+        self.sources = sources
+        self.per_head_batch = next(iter(sources.values())).per_head_batch
+
+    def batch(self, head: int, step: int, device):
+        return self.sources[head].batch(head, step, device)
+
+
+def node_sources(spec: Spec, heads: list[int], cache: str | Path | None, data=node_data) -> tuple[Job, NodeSource]:
+    """A node's job (a skeleton) and the batches of its heads `heads`: each head's shard as
+    `node_data` gives it (`data`: that function, or a cached wrapper of it); text data, or no
+    cache, is one source for every head."""
+    if spec.data.name in D.TEXT_DATASETS or cache is None:
+        job, src = data(spec, heads[0], cache)
+        return job, NodeSource({h: src for h in heads})
+    got = {h: data(spec, h, cache) for h in heads}
+    return got[heads[0]][0], NodeSource({h: src for h, (_, src) in got.items()})
+
+
+def node_model(job: Job, heads: list[int], ranks: list[int] | None = None) -> StackedLTE:
+    """A node's heads `heads` (each at its rank in `ranks`) stacked on `job`'s skeleton: q(W)
+    buffers zero until filled (no full-precision W: lte.StackedLTE from a skeleton), each A drawn
+    from (seed, head) as in every engine, B and V zero, replicas zero until filled."""
+    if next(job.plain.parameters()).device.type != "meta":
+        raise ValueError("node_model takes a job built with setup(skeleton=True)")
+    return StackedLTE(job.plain, lte_config(job.spec), list(heads), None if ranks is None else list(ranks))
+
+
+@torch.no_grad()
+def fill_node(model: StackedLTE, base: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor]) -> None:
+    """`fill_head` for a node's stacked heads: the server's q(W) once, its replicas in every slice."""
+    missing = [n for n in model.plan.replicas if n not in replicas]
+    for n, l in model.lora_layers().items():
+        parts = ["weight"] if l.base is None else list(l.base.parts())
+        missing += [f"{n}.base.{k}" for k in parts if f"{n}.base.{k}" not in base]
+    if missing:
+        raise KeyError(f"the message lacks {len(missing)} tensor(s) of the model, e.g. {missing[0]!r}")
+    model.load_base_state(base)
+    model.load_replicas({n: replicas[n] for n in model.plan.replicas})
 
 
 def plain_model(job: Job, state: dict[str, torch.Tensor]) -> nn.Module:

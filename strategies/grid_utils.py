@@ -17,9 +17,11 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from lte_fed import protocol as P
 from lte_fed.costs import COST_KEYS, costs_line
+from lte_fed.placement import NodeInfo, assign
 
 log = logging.getLogger("lte_fed.server")
-POLL_S = 0.2
+POLL_S = 0.2  # the longest wait between two pulls
+MIN_POLL_S, POLL_SHARE = 0.005, 0.05
 
 
 def message_bytes(msg: Message) -> int:
@@ -35,11 +37,12 @@ def reply_bytes(msg: Message) -> int:
         return 0
 
 
-def worker_costs(reply: Message, rnd: int, head: int) -> dict[str, float]:
-    """The cost metrics (lte_fed/costs.py) a reply carries, logged for its head; whatever is
-    missing or not a number is left out (a reply is screened for what matters elsewhere)."""
+def worker_costs(reply: Message, rnd: int, head, record: str = P.METRICS) -> dict[str, float]:
+    """The cost metrics (lte_fed/costs.py) a reply carries in its record `record`, logged for its
+    head (or a node's heads, a list: one message trains them all); whatever is missing or not a
+    number is left out (a reply is screened for what matters elsewhere)."""
     try:
-        metrics = reply.content[P.METRICS]
+        metrics = reply.content[record]
         got = {k: float(metrics[k]) for k in COST_KEYS
                if k in metrics and isinstance(metrics[k], (int, float)) and not isinstance(metrics[k], bool)}
     except Exception:  # noqa: BLE001 -- a malformed reply must not crash the logging
@@ -57,29 +60,41 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
         time.sleep(POLL_S)
 
 
+def poll_interval(waited: float) -> float:
+    """Seconds to sleep before the next pull, `waited` seconds after the push: a fixed share
+    (POLL_SHARE) of the time waited so far, within [MIN_POLL_S, POLL_S]. A reply is then seen
+    at most POLL_SHARE late (a fixed 0.2 s poll added half of that to every round, 10-25% of a
+    sub-second round), while a long round still pulls only every POLL_S."""
+    return min(POLL_S, max(MIN_POLL_S, POLL_SHARE * waited))
+
+
 def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """Push, then pull until every message has a reply or `timeout` passes."""
     ids = [i for i in grid.push_messages(messages) if i]
     waiting, replies = set(ids), []
-    deadline = time.monotonic() + timeout
+    start = time.monotonic()
+    deadline = start + timeout
     while waiting and time.monotonic() < deadline:
         got = list(grid.pull_messages(list(waiting)))
         replies.extend(got)
         waiting -= {m.metadata.reply_to_message_id for m in got}
         if waiting:
-            time.sleep(POLL_S)
+            now = time.monotonic()
+            time.sleep(max(0.0, min(poll_interval(now - start), deadline - now)))
     return replies
 
 
 class PartitionMap:
-    """partition-id <-> node id, and the round's head -> node assignment."""
+    """partition-id <-> node id, what each node declared it can carry, and the round's
+    head -> node placement (lte_fed/placement.py)."""
 
     def __init__(self):
         self.node_of: dict[int, int] = {}  # partition-id -> node id
+        self.info: dict[int, NodeInfo] = {}  # node id -> its partition and declared capacity
         self.known: set[int] = set()
 
     def discover(self, grid: Grid, timeout: float) -> None:
-        """Ask every node not seen yet for its partition-id."""
+        """Ask every node not seen yet for its partition-id and capacity."""
         new = [n for n in grid.get_node_ids() if n not in self.known]
         if not new:
             return
@@ -88,23 +103,39 @@ class PartitionMap:
             if reply.has_error():
                 continue
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
-            self.node_of[int(reply.content["config"]["partition-id"])] = node
-            self.known.add(node)
+            c = reply.content["config"]
+            self.add(NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
+                              float(c.get("memory-gb", 0.0))))
 
-    def assign(self, heads: int, alive: set[int]) -> dict[int, int]:
-        """Head n -> the node of partition n if alive; orphaned heads go to free alive nodes
-        first, then to the least busy ones (a node may train several heads in a round)."""
-        out = {n: self.node_of[n] for n in range(heads) if self.node_of.get(n) in alive}
-        busy = {node: 0 for node in alive}
-        for node in out.values():
-            busy[node] += 1
-        for n in range(heads):
-            if n in out or not busy:
-                continue
-            node = min(sorted(busy), key=lambda k: busy[k])
-            out[n] = node
-            busy[node] += 1
-        return dict(sorted(out.items()))
+    def add(self, info: NodeInfo) -> None:
+        """Record a node's answer (`discover` does this for every new node)."""
+        self.node_of[info.partition] = info.node
+        self.info[info.node] = info
+        self.known.add(info.node)
+
+    def nodes(self, alive: set[int]) -> list[NodeInfo]:
+        return [self.info[n] for n in sorted(alive) if n in self.info]
+
+    def assign(self, heads: int, alive: set[int], holders: dict[int, int | None] | None = None,
+               declared: dict[int, int] | None = None) -> dict[int, int]:
+        """head -> alive node (`placement.assign`: heads stay where their state is, the rest fill
+        the nodes in partition order up to their capacity)."""
+        return assign(heads, self.nodes(alive), holders or {}, declared)
+
+
+def wait_for_capacity(grid: Grid, partitions: PartitionMap, heads: int, capacity, timeout: float) -> None:
+    """Wait until the registered nodes can carry `heads` heads (`capacity(nodes)` says how many
+    they carry), asking every new node what it declares."""
+    deadline = time.monotonic() + timeout
+    while True:
+        partitions.discover(grid, timeout)
+        alive = set(grid.get_node_ids())
+        have = capacity(partitions.nodes(alive))
+        if have >= heads:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {len(alive)} registered node(s) carry {have} of {heads} heads after {timeout:.0f} s")
+        time.sleep(POLL_S)
 
 
 class CountingGrid(Grid):

@@ -1,10 +1,11 @@
 """LTEStrategy: LoRA-the-Explorer as a Flower strategy (the server side of one LTE round).
 
 The server holds the full-precision base W, the merged replicas and the head ledger
-(lte_fed/ledger.py). Each round it broadcasts q(W), sends head n to the node holding partition
-n (or, when that node is gone, to a free or the least busy node, with the head's state), and
-merges what came back through `RoundMerge`: every reply is screened by the protocol gate and the
-update-size guard, the merge is checked finite before it is committed, and a rejected head
+(lte_fed/ledger.py). Each round it places the heads on the nodes by their capacity
+(lte_fed/placement.py: a head stays where its state is; when its node is gone it moves to a node
+with room, with its state from the server), sends each node one message with q(W) and all its
+heads, and merges what came back through `RoundMerge`: every head of every reply is screened by
+the protocol gate and the update-size guard, the merge is checked finite before it is committed, and a rejected head
 falls back to the server's copy.
 
 How a worker gets a head's state ("source" in the message config):
@@ -33,13 +34,15 @@ from lte_fed import quant
 from lte_fed.convert import to_original_state
 from lte_fed.job import Job, lte_config
 from lte_fed.ledger import Guard, HeadLedger, RoundMerge
+from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.outer import OuterOptimizer, outer_config
+from lte_fed.placement import by_node
 from lte_fed.rundir import RunDir, open_resume
-from lte_fed.spec import Spec, SpecError
+from lte_fed.spec import Spec, SpecError, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
-from .grid_utils import PartitionMap, message_bytes, reply_bytes, worker_costs
+from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity, worker_costs
 from .rounds import RoundLoop
 
 log = logging.getLogger("lte_fed.server")
@@ -68,6 +71,8 @@ class LTEStrategy(RoundLoop):
         self.bytes_up = self.bytes_down = 0
         self.round_loss, self.alignment = float("nan"), {}
         self.costs: dict[int, dict] = {}  # head -> what its message cost the worker (lte_fed/costs.py)
+        self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "ranks": [...]}]
+        self._shape = None  # the model's shape for the memory estimate (memory-gb nodes), built once
 
     def summary(self) -> None:
         c = self.cfg
@@ -82,31 +87,109 @@ class LTEStrategy(RoundLoop):
         steps = min(s.merge_every, s.train.steps - start)
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
-        self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout, scale=self.cfg.scale,
-                                 variant=self.cfg.variant, guard=self.guard, outer=self.outer,
-                                 uplink=s.comm.up)
-        msgs = []
-        for head, node in self.partitions.assign(self.cfg.heads, set(grid.get_node_ids())).items():
-            rec, content = self.ledger[head], {P.BASE: base, P.REPLICAS: replicas}
-            source = self._source(head, node)
-            if source in ("restore", "local-or-restore"):
-                content[P.RESTORE] = ArrayRecord(P.wire(rec.state))
-            if source == "restore" and server_round > 1:
-                log.warning("round %d: head %d goes to node %d with its state from the server", server_round, head, node)
-            content[P.CONFIG] = ConfigRecord({
-                "head": head, "start_step": start, "steps": steps, "round": server_round, "spec": spec_json,
-                "run_id": self.run_id, "source": source, "committed": rec.committed,
-                "state_round": server_round - 1, "keep_from": self.checkpointed,
-            })
-            msg = Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
-            msgs.append(msg)
-            self._round.expect(head, node)
+        alive = set(grid.get_node_ids())
+        self._fleet()
+        holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
+        assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(alive))
+        for h, node in assignment.items():
+            self._settle_rank(h, self.partitions.info[node].rank or self.cfg.rank)
+        heads = range(self.cfg.heads)
+        self._round = RoundMerge(server_round, self.ledger, self.W, self.replicas, self.layout,
+                                 scale={h: self.scale_of(h) for h in heads}, variant=self.cfg.variant,
+                                 guard=self.guard, partial=self.spec.run.partial_merge,
+                                 layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads},
+                                 outer=self.outer, uplink=s.comm.up)
+        placed = by_node(assignment)
+        msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
+                for node, heads in placed.items()]
         for head in sorted(set(range(self.cfg.heads)) - set(self._round.sent)):
-            log.warning("round %d: no node available for head %d; it waits", server_round, head)
+            log.warning("round %d: no node has room for head %d; it waits", server_round, head)
+        self.placement = [{"node": self.partitions.info[node].partition, "heads": heads,
+                           "ranks": [self.rank_of(h) for h in heads]} for node, heads in placed.items()]
         self.trust_local = set()
         self.bytes_down = sum(message_bytes(m) for m in msgs)
         self._sent = msgs
         return msgs
+
+    def _train_message(self, rnd: int, node: int, heads: list[int], base: ArrayRecord, replicas: ArrayRecord,
+                       spec_json: str, start: int, steps: int) -> Message:
+        """One node's TRAIN message: q(W) and the replicas once, every head's source, and the
+        server's state of the heads it must take over (protocol.py)."""
+        content, restore = {P.BASE: base, P.REPLICAS: replicas}, {}
+        sources = [self._source(h, node) for h in heads]
+        for h, source in zip(heads, sources):
+            if source in ("restore", "local-or-restore"):
+                restore |= prefixed(str(h), P.wire(self.ledger[h].state))
+            if source == "restore" and rnd > 1:
+                log.warning("round %d: head %d goes to node %d with its state from the server", rnd, h, node)
+            self._round.expect(h, node)
+        if restore:
+            content[P.RESTORE] = ArrayRecord(restore)
+        content[P.CONFIG] = ConfigRecord({
+            "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources,
+            "committed": [self.ledger[h].committed for h in heads],
+            "start_step": start, "steps": steps, "round": rnd, "spec": spec_json, "run_id": self.run_id,
+            "state_round": rnd - 1, "keep_from": self.checkpointed,
+        })
+        return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
+
+    # ------------------------------------------------------------------ ranks and capacity
+    def rank_of(self, head: int) -> int:
+        return int(self.ledger[head].state[f"{self.plan.lora[0]}.lora_A"].shape[0])
+
+    def scale_of(self, head: int) -> float:
+        return head_scale(self.cfg.alpha, self.rank_of(head), self.cfg.rank, self.cfg.rank_scale)
+
+    def _settle_rank(self, head: int, rank: int) -> None:
+        """A head takes the rank of the node it first trains on (node config `rank`, else
+        lte.rank) and keeps it: a node of another rank trains it zero-padded or as it is."""
+        if self.ledger[head].fresh and self.rank_of(head) != rank:
+            cfg = dataclasses.replace(self.cfg, quant="none", rank=rank)
+            self.ledger[head].state = {k: t.detach().float().clone()
+                                       for k, t in HeadLTE(self.job.plain, cfg, head).head_state(with_corr=True).items()}
+
+    def _fleet(self) -> None:
+        """run.fleet (simulation): each simulated node declares what its entry says."""
+        if not self.spec.run.fleet:
+            return
+        fleet = parse_fleet(self.spec.run.fleet)
+        for node, info in list(self.partitions.info.items()):
+            if info.partition < len(fleet) and not (info.heads or info.rank or info.memory_gb):
+                e = fleet[info.partition]
+                self.partitions.info[node] = dataclasses.replace(
+                    info, heads=int(e.get("heads", 0)), rank=int(e.get("rank", 0)), memory_gb=float(e.get("memory-gb", 0)))
+
+    def _declared(self, alive: set[int]) -> dict[int, int]:
+        """node -> heads it can carry, for nodes that declared `memory-gb` but not `heads`
+        (the memory estimate at the node's rank and the run's per-head batch)."""
+        out = {}
+        for info in self.partitions.nodes(alive):
+            if info.heads or not info.memory_gb:
+                continue
+            from lte_fed.memory import analyse, heads_that_fit
+
+            if self._shape is None:
+                s, d = self.spec, self.job
+                self._shape = analyse(s.model.name, d.img_size, d.data.num_classes, s.model.patch_size,
+                                      self.cfg.keep_norm_affine)
+            cfg = dataclasses.replace(self.cfg, rank=info.rank or self.cfg.rank)
+            per_head_batch = self.spec.train.batch_size // self.cfg.heads
+            out[info.node] = heads_that_fit(self._shape, cfg, per_head_batch, info.memory_gb * 2**30)
+            if not out[info.node]:
+                log.warning("node %d (partition %d): %.3g GB hold no head of rank %d", info.node, info.partition,
+                            info.memory_gb, cfg.rank)
+        return out
+
+    def wait_for_workers(self, grid: Grid, timeout: float) -> None:
+        """run.nodes nodes if set, else until the nodes' capacity covers every head (a node that
+        declares nothing counts for one head)."""
+        nodes = self.spec.run.nodes or (len(parse_fleet(self.spec.run.fleet)) if self.spec.run.fleet else 0)
+        wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads,
+                          len if nodes else lambda infos: sum(i.heads or 1 for i in infos), timeout)
+
+    def round_record(self) -> dict:
+        """Which node (partition-id) trained which heads at which rank this round."""
+        return {"placement": self.placement}
 
     def _source(self, head: int, node: int) -> str:
         rec = self.ledger[head]
@@ -123,21 +206,25 @@ class LTEStrategy(RoundLoop):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[None, MetricRecord]:
         self.bytes_up, self.costs = 0, {}
-        answered: set[int] = set()
-        ids = {m.metadata.message_id: int(m.content[P.CONFIG]["head"]) for m in self._sent}  # set once pushed
+        answered: set[str] = set()
+        ids = {m.metadata.message_id: m for m in self._sent}  # set once pushed
         for reply in replies:
-            head = ids.get(reply.metadata.reply_to_message_id)
-            if head is None:
+            sent = ids.get(reply.metadata.reply_to_message_id)
+            if sent is None:
                 log.warning("round %d: a reply to an unknown message was ignored", server_round)
                 continue
-            if head not in answered:  # a duplicate moved no new information: count its bytes once
+            heads = [int(h) for h in sent.content[P.CONFIG]["heads"]]
+            if sent.metadata.message_id not in answered:  # a duplicate moved no new information: count its bytes once
                 self.bytes_up += reply_bytes(reply)
-            answered.add(head)
+            answered.add(sent.metadata.message_id)
             error = reply.error.reason if reply.has_error() else None
-            self._round.receive(head, None if error is not None else reply.content, error)
-            if error is None:
-                self.costs[head] = worker_costs(reply, server_round, head)
-        if self.spec.train.log_alignment and len(self._round.got) > 1:
+            for h in heads:  # each head is screened on its own: a bad one is refused alone
+                self._round.receive(h, None if error is not None else reply.content, error,
+                                    arrays=P.head_record(h), metrics=P.metrics_record(h))
+            if error is None and heads:  # one message, one cost: filed under its first head
+                self.costs[heads[0]] = worker_costs(reply, server_round, heads, record=P.metrics_record(heads[0]))
+        if self.spec.train.log_alignment and len(self._round.got) > 1 and \
+                len({self.rank_of(h) for h in self._round.got}) == 1:  # the measures compare heads of one rank
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})
         result = self._round.close(self.spec.run.min_heads)
         self.round_loss = result.train_loss

@@ -50,12 +50,13 @@ class RoundLoop(Strategy):
         self.eval_model = copy.deepcopy(self.job.plain).to(self.job.device)
         result = Result()
         if self.round < num_rounds:
-            wait_for_nodes(grid, s.lte.heads, timeout)
+            self.wait_for_workers(grid, timeout)
+        first = self.round + 1
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since
             msgs = list(self.configure_train(rnd, None, ConfigRecord(), grid))
-            replies = send_and_receive(grid, msgs, s.run.round_timeout)
+            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first))
             _, metrics = self.aggregate_train(rnd, replies)
             self.round = rnd
             self.wall += time.perf_counter() - t0
@@ -68,6 +69,14 @@ class RoundLoop(Strategy):
         self.finish()
         return result
 
+    def wait_for_workers(self, grid: Grid, timeout: float) -> None:
+        """Before round 1: one node per worker (LTEStrategy waits for capacity instead)."""
+        wait_for_nodes(grid, self.spec.lte.heads, timeout)
+
+    def round_record(self) -> dict:
+        """Extra fields of this round's metrics row (LTEStrategy: the placement)."""
+        return {}
+
     def log_round(self, rnd: int, metrics: MetricRecord) -> dict:
         s = self.spec
         self.eval_model.load_state_dict(self.plain_state())
@@ -75,7 +84,8 @@ class RoundLoop(Strategy):
         step = min(rnd * s.merge_every, s.train.steps)
         row = {"round": rnd, **progress(self.job, step), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
-               "merged_heads": int(metrics["merged_heads"]), **self.alignment, **round_costs(self.costs)}
+               "merged_heads": int(metrics["merged_heads"]), **self.alignment, **round_costs(self.costs),
+               **self.round_record()}
         self.alignment, self.costs = {}, {}
         self.dir.append_metrics(row)
         log.info("round %d: merged %d of %d, train loss %s, %s, up %d B, down %d B", rnd,
@@ -89,9 +99,23 @@ class RoundLoop(Strategy):
         if self.job.is_text:
             self.eval_model.load_state_dict(self.plain_state())
             write_sample(self.dir, self.eval_model, self.job)
-        summary = build_summary(s, self.dir.read_metrics(), self.job, run_id=self.run_id)
+        rows = self.dir.read_metrics()
+        # LTE: which node (partition-id) trained which heads at which rank in the last round
+        # (every round's is in its metrics row)
+        extra = {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}
+        summary = build_summary(s, rows, self.job, run_id=self.run_id, **extra)
         self.dir.write_summary(summary)
         return summary
+
+
+def round_wait(spec: Spec, rnd: int, first: int) -> float:
+    """Seconds round `rnd` waits for replies: run.round_deadline if set (the heads that answered
+    by then are merged, the others restart from the server's state), else run.round_timeout.
+    The server's first round (`first`) waits up to the timeout: it includes every node's start-up
+    (data, model), which is no node's slowness."""
+    if spec.run.round_deadline and rnd > first:
+        return min(spec.run.round_deadline, spec.run.round_timeout)
+    return spec.run.round_timeout
 
 
 def out_dir(spec: Spec) -> Path:

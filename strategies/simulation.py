@@ -1,5 +1,6 @@
 """run.engine=flower from the `lte-fed` CLI: the run goes through `flwr run` (Flower's supported
-path) on a private SuperLink in simulation mode, one simulated SuperNode per head.
+path) on a private SuperLink in simulation mode, `run.nodes` simulated SuperNodes sharing the
+heads (by default as many as the machine runs at once; `simulation_nodes`).
 
 `strategies/launcher.py` owns the Flower processes and stops them; this side hands it the whole
 spec as a run-config file, shows a progress bar from the run directory's metrics.jsonl while it
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +21,8 @@ import time
 from pathlib import Path
 
 from lte_fed.rundir import RunDir
-from lte_fed.spec import ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, toml_lines, validate
+from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, parse_fleet, toml_lines,
+                          validate)
 
 POLL_S = 0.5
 
@@ -37,9 +40,12 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
         raise SpecError(f"run.client_cpus: Flower's simulation takes a whole number of CPUs per node, got {cpus!r}")
     spec = copy.deepcopy(spec)
     spec.run.out = str(Path(out).resolve())
+    nodes = simulation_nodes(spec)
+    if spec.method != "fedavg":
+        spec.run.nodes = nodes  # the server waits for exactly these
     rundir = RunDir(spec.run.out)
     log_path = rundir.path / "flower.log"
-    cmd = [sys.executable, "-m", "strategies.launcher", "--nodes", str(spec.lte.heads),
+    cmd = [sys.executable, "-m", "strategies.launcher", "--nodes", str(nodes),
            "--run-config", str(write_run_config(spec, rundir.path / "run_config.toml")),
            "--cpus", str(int(cpus)), "--gpus", str(float(spec.run.client_gpus)), "--log", str(log_path)]
     # Its own session: a Ctrl-C on the terminal reaches only us, and we stop the run in order.
@@ -58,6 +64,25 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
         raise ReportedError(reported)
     raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
                        f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
+
+
+def simulation_nodes(spec: Spec) -> int:
+    """Virtual nodes for `spec`: run.nodes, or as many as Ray runs at once (CPU cores /
+    run.client_cpus, or GPUs / run.client_gpus when nodes take GPUs), at most one per head.
+    FedAvg: one node per worker."""
+    if spec.method == "fedavg":
+        return spec.lte.heads
+    if spec.run.nodes:
+        return spec.run.nodes
+    if spec.run.fleet:
+        return len(parse_fleet(spec.run.fleet))
+    parallel = (os.cpu_count() or 1) // max(1, int(spec.run.client_cpus))
+    if spec.run.client_gpus > 0:
+        import torch
+
+        if torch.cuda.is_available():
+            parallel = min(parallel, int(torch.cuda.device_count() / spec.run.client_gpus))
+    return max(1, min(spec.heads, parallel))
 
 
 def _fmt(value, spec: str) -> str:

@@ -4,6 +4,8 @@ SuperNode authentication, three authenticated `flower-supernode`s, and `flwr run
 - a clean LTE run: every round merges all three heads, the run directory is complete and its
   model loads into the plain model builder;
 - an unregistered SuperNode is refused (exit code 305, "Failed to activate");
+- nodes that declare different `heads` and `rank` in their node config share four heads, and the
+  run directory records the placement;
 - a SuperNode that is stopped and restarted (same key, same state-dir) and another killed with
   SIGKILL mid-run: the dead node's head is handed on, the run finishes with a finite model and
   the ServerApp's log says what happened;
@@ -202,6 +204,29 @@ def test_an_unregistered_supernode_is_refused(deployment, credentials, tmp_path)
                             env={"KEYS": str(credentials / "stranger"), "NODE_PORT": str(free_port()),
                                  "STATE": str(tmp_path / "stranger-state")})
     assert "exited at start" in out, out
+
+
+def test_nodes_of_different_heads_and_rank_share_the_heads(deployment, tmp_path):
+    """Nodes that declare what they carry (node config `heads`, `rank`): four heads go to node 0
+    (two, at the run's rank 4), node 1 (one, rank 2) and node 2 (one, rank 8); the run completes
+    and its run directory records which node trained which heads at which rank."""
+    d = deployment
+    d.restart_nodes({0: "heads=2", 1: "heads=1 rank=2", 2: "heads=1 rank=8"})
+    try:
+        out, log = tmp_path / "run", tmp_path / "flwr-run.log"
+        config = run_config(out, steps=4).replace(f"lte.heads={NODES}", "lte.heads=4")
+        text = finish(d.run(config, log), log, timeout=400)
+        rows = RunDir(out).read_metrics()
+        assert [r["merged_heads"] for r in rows] == [4, 4], text[-4000:]
+        want = [{"node": 0, "heads": [0, 1], "ranks": [4, 4]}, {"node": 1, "heads": [2], "ranks": [2]},
+                {"node": 2, "heads": [3], "ranks": [8]}]
+        assert all(r["placement"] == want for r in rows), [r["placement"] for r in rows]
+        assert json.loads((out / "summary.json").read_text())["placement"] == want
+        state = RunDir(out).load_model()
+        assert all(torch.isfinite(t).all() for t in state.values())
+        build_model("vit_digits", num_classes=10, img_size=8, in_chans=3).load_state_dict(state, strict=True)
+    finally:
+        d.restart_nodes({})  # the next test wants one head per node again
 
 
 def sent_train_replies(d: Deployment, node: int) -> int:

@@ -56,11 +56,28 @@ def test_engines_agree_with_an_outer_optimizer_and_a_compressed_uplink(tmp_path,
     assert fused_up < rows[0]["bytes_up"] < fused_up * 1.5  # Flower's framing on top of the same arrays
 
 
-@pytest.mark.parametrize("fault, reason", [("nan:1:2", "non-finite"), ("shape:0:1", "has shape"),
-                                           ("raise:2:1", "failed")])
-def test_a_bad_client_is_rejected_and_the_others_merge(tmp_path, fault, reason):
+@pytest.mark.parametrize("nodes", [2, 8])
+def test_eight_heads_on_any_number_of_nodes_end_with_the_fused_engines_weights(tmp_path, nodes):
+    spec = quick_spec("lte", "flower", lte={"heads": 8}, run={"nodes": nodes})
+    run_flower(spec, tmp_path / "flower")
+    run_fused(quick_spec("lte", "fused", lte={"heads": 8}), tmp_path / "fused")
+    diff = max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused"))
+    assert diff < 1e-4, diff
+    rows = RunDir(tmp_path / "flower").read_metrics()
+    assert [r["merged_heads"] for r in rows] == [8, 8]
+    per_node = 8 // nodes
+    want = [{"node": n, "heads": list(range(n * per_node, (n + 1) * per_node)), "ranks": [4] * per_node}
+            for n in range(nodes)]
+    assert all(r["placement"] == want for r in rows)
+
+
+# nan / shape: all three heads on one node, the bad one is refused alone; raise fails a whole
+# node, so there every head has its own.
+@pytest.mark.parametrize("fault, reason, nodes", [("nan:1:2", "non-finite", 1), ("shape:0:1", "has shape", 1),
+                                                  ("raise:2:1", "failed", 3)])
+def test_a_bad_client_is_rejected_and_the_others_merge(tmp_path, fault, reason, nodes):
     spec = quick_spec("lte", "flower", lte={"heads": 3, "merge_every": 2}, train={"batch_size": 12},
-                      run={"fault": fault})
+                      run={"fault": fault, "nodes": nodes})
     run_flower(spec, tmp_path)
     kind, head, rnd = fault.split(":")
     rows = RunDir(tmp_path).read_metrics()

@@ -45,6 +45,39 @@ def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_crea
     assert watch.count > 0
 
 
+def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_no_W_is_created(tmp_path):
+    """Two heads of different rank (zero-padded, per-head scales) on one q(W): the node's model
+    from the skeleton trains exactly as the same StackedLTE built from the full model."""
+    from lte_fed.lte import StackedLTE
+    from lte_fed.node import train_heads
+
+    s = spec(lte={"heads": 3, "rank": 4, "variant": "exact"})
+    full = setup(s)
+    heads, ranks = [2, 0], [2, 4]
+    ref = StackedLTE(full.plain, lte_config(s), heads, ranks)
+    ref_head = HeadLTE(full.plain, lte_config(s), 0)  # the server's q(W) as a message carries it
+    job, src = W.node_sources(s, heads, tmp_path)
+    with W.FullWeightWatch(W.lora_shapes_of(job)) as watch:
+        model = W.node_model(job, heads, ranks)
+        W.fill_node(model, ref_head.base_state(), ref_head.replica_state())
+    assert watch.count == 0, watch.seen
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    ref.load_base_state(ref_head.base_state())
+    for i in range(2):
+        got, want = model.head_state(i, with_corr=True), ref.head_state(i, with_corr=True)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    lr = lambda step: 1e-2  # noqa: E731
+    losses = []
+    for m in (model, ref):
+        opt = torch.optim.AdamW(m.head_params(), lr=1e-2)
+        source = src if m is model else batch_source(full)
+        losses.append(train_heads(m, opt, source, 0, 3, lr=lr, clip=1.0, device=torch.device("cpu")))
+    assert torch.allclose(torch.tensor(losses[0]), torch.tensor(losses[1]), atol=1e-5), losses
+    for i in range(2):
+        got, want = model.head_state(i), ref.head_state(i)
+        assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+
+
 def test_a_message_without_the_whole_base_is_refused(tmp_path):
     s = spec()
     job, _ = W.node_data(s, 0, tmp_path)
