@@ -332,13 +332,13 @@ class StackedLTE(nn.Module):
         self.plan = plan(net, cfg.keep_norm_affine)
         gens = [rng.torch_generator(cfg.seed, rng.INIT, n) for n in self.head_ids]
         fold_bytes = 4 * N * sum(net.get_submodule(name).weight.numel() for name in self.plan.lora)
-        # Built from a skeleton (a node, lte_fed/worker.py: no W here): never fold W - s·V_n, which
-        # would hold k full-precision m×n bases; V is applied to the tokens instead.
-        skeleton = any(net.get_submodule(name).weight.is_meta for name in self.plan.lora)
+        # Built from a skeleton too (a node, lte_fed/worker.py: no W at build), the exact variant
+        # folds W - s·V_n per head while training when all of them fit in cfg.fold_max_bytes, as
+        # the fused engine does: the node then computes bit for bit what the fused engine does.
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
                                       init=cfg.init, quant=cfg.quant, generators=gens,
-                                      fold=not skeleton and fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks,
+                                      fold=fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks,
                                       scales=scales)
             _set(net, name, layer)
         self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas
