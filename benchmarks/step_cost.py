@@ -39,9 +39,10 @@ class _Separate:
         s, job = lte_run.spec, lte_run.job
         self.spec, self.job, self.src = s, job, lte_run.src
         self.models = [HeadLTE(job.plain, lte_config(s), n).to(job.device) for n in range(s.heads)]
-        for m in self.models:
-            for layer in m.lora_layers().values():
-                layer.cache_base = cache_base  # opt-in: q(W) kept dequantized (and V folded) per layer
+        if cache_base:  # opt-in (a quantized base): q(W) kept dequantized (and V folded) per layer
+            for m in self.models:
+                for layer in m.lora_layers().values():
+                    layer.cache_base = True
         self.opts = [make_optimizer([p for p in m.parameters() if p.requires_grad], s.lr, 0.0) for m in self.models]
         self.step = 0
 
@@ -82,7 +83,8 @@ WHAT = {
     "lte_reset": "fused LTE, reset variant (no correction term)",
     "lte_reset_plain": "as lte_reset, through the op-by-op reference layer",
     "lte_nf4": "fused LTE, exact, NF4 base (dequantized and folded once per merge)",
-    "separate": "N one-head HeadLTE models (what Flower clients run), fp32 base, stepped in turn",
+    "separate": "N one-head HeadLTE models (what Flower clients run), fp32 base, stepped in turn "
+                "(W - s·V kept per layer: 4·m·n bytes, within fold_max_bytes)",
     "separate_nf4": "N one-head models, NF4 base dequantized (and V folded) per use: the memory-bound client",
     "separate_nf4_cached": "as separate_nf4 with the opt-in cache (q(W) dequantized and folded once per merge, 4·m·n bytes per layer)",
     "floor": "plain model, all weights frozen, no LoRA: forward + input gradients only",
