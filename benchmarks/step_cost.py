@@ -31,17 +31,21 @@ def _spec(a, method: str, quant: str = "none", variant: str = "exact"):
 class _Separate:
     """N one-head models (HeadLTE, what Flower clients train) stepped one after another."""
 
-    def __init__(self, lte_run, cache_base: bool = False):
+    def __init__(self, lte_run, cache_base: bool = False, **cfg):
+        import dataclasses
+
         from lte_fed.job import lte_config
         from lte_fed.lte import HeadLTE
         from lte_fed.train import make_optimizer
 
         s, job = lte_run.spec, lte_run.job
         self.spec, self.job, self.src = s, job, lte_run.src
-        self.models = [HeadLTE(job.plain, lte_config(s), n).to(job.device) for n in range(s.heads)]
-        for m in self.models:
-            for layer in m.lora_layers().values():
-                layer.cache_base = cache_base  # opt-in: q(W) kept dequantized (and V folded) per layer
+        lcfg = dataclasses.replace(lte_config(s), **cfg)  # e.g. fold_max_bytes=0
+        self.models = [HeadLTE(job.plain, lcfg, n).to(job.device) for n in range(s.heads)]
+        if cache_base:  # opt-in (a quantized base): q(W) kept dequantized (and V folded) per layer
+            for m in self.models:
+                for layer in m.lora_layers().values():
+                    layer.cache_base = True
         self.opts = [make_optimizer([p for p in m.parameters() if p.requires_grad], s.lr, 0.0) for m in self.models]
         self.step = 0
 
@@ -82,7 +86,9 @@ WHAT = {
     "lte_reset": "fused LTE, reset variant (no correction term)",
     "lte_reset_plain": "as lte_reset, through the op-by-op reference layer",
     "lte_nf4": "fused LTE, exact, NF4 base (dequantized and folded once per merge)",
-    "separate": "N one-head HeadLTE models (what Flower clients run), fp32 base, stepped in turn",
+    "separate": "N one-head HeadLTE models (what Flower clients run), fp32 base, stepped in turn "
+                "(W - s·V kept per layer: 4·m·n bytes, within fold_max_bytes)",
+    "separate_percall": "as separate with fold_max_bytes=0: W - s·V folded into a transient per use, nothing m×n kept",
     "separate_nf4": "N one-head models, NF4 base dequantized (and V folded) per use: the memory-bound client",
     "separate_nf4_cached": "as separate_nf4 with the opt-in cache (q(W) dequantized and folded once per merge, 4·m·n bytes per layer)",
     "floor": "plain model, all weights frozen, no LoRA: forward + input gradients only",
@@ -107,6 +113,7 @@ def build(a, tmp: str) -> dict:
         "lte_reset_plain": lambda: lte("lte_reset_plain", variant="reset", impl="plain"),
         "lte_nf4": lambda: lte("lte_nf4", "nf4"),
         "separate": lambda: _Separate(lte("separate")),
+        "separate_percall": lambda: _Separate(lte("separate_percall"), fold_max_bytes=0),
         "separate_nf4": lambda: _Separate(lte("separate_nf4", "nf4")),
         "separate_nf4_cached": lambda: _Separate(lte("separate_nf4_cached", "nf4"), cache_base=True),
         "floor": lambda: _Floor(FusedRun(_spec(a, "full"), f"{tmp}/floor")),
@@ -117,6 +124,7 @@ def build(a, tmp: str) -> dict:
 # ratio -> target of the issue it answers (None: reported, no target)
 RATIOS = {
     "lte/full": 1.06, "lte_reset/full": 0.92, "lte_nf4/full": 1.10, "separate/lte": 1.10,
+    "separate_percall/lte": None, "separate/separate_percall": None,
     "separate_nf4/lte_nf4": None, "separate_nf4_cached/lte_nf4": None,
     "lte/lte_plain": None, "lte_reset/lte_reset_plain": None, "lte_plain/full": None,
     "lte/lte_reset": None, "lte/floor": None, "floor/full": None,

@@ -197,6 +197,15 @@ def fold_is_cheaper(tokens: int, m: int, n: int) -> bool:
     return m * n < tokens * (m + n)
 
 
+def one_head_keeps_fold(quant: str, variant: str, shapes, max_bytes: int) -> bool:
+    """Whether a one-head model keeps each layer's folded base W - s·V (one fp32 (m, n) per
+    layer, `shapes` = [(m, n), ...]) between uses instead of folding it per use: only the exact
+    variant has a V to fold, only an fp32 base (quant "none") is W itself, so that the fold is
+    all a use would recompute, and only when all of them fit: 4·Σ m·n <= max_bytes (the model's
+    base once more; `LTEConfig.fold_max_bytes`, the stacked engine's budget for its folds)."""
+    return quant == "none" and variant == "exact" and 4 * sum(m * n for m, n in shapes) <= max_bytes
+
+
 class _LTELinear(torch.autograd.Function):
     """The LTE layer's forward and backward written out, so that each step is one BLAS call
     that accumulates into its output, with no full-size temporaries in between: the plain
@@ -282,9 +291,13 @@ class LoRALinear(nn.Module):
     the bias (a replica) train. Shapes: base (m, n), lora_A (r, n), lora_B (m, r).
 
     Memory: the worker holds q(W) and, while one layer's matmul runs, one transient fp32 (m, n)
-    (q(W) dequantized, or W - s·V folded); nothing m×n is kept between layers. Opt-in
-    `cache_base = True` keeps that fp32 matrix per layer instead (4·m·n bytes each: the whole
-    model in fp32 once more) and spares its recomputation in every forward and input gradient.
+    (q(W) dequantized, or W - s·V folded); nothing m×n is kept between layers. `cache_base =
+    True` keeps that fp32 matrix per layer instead (4·m·n bytes each: the whole model in fp32
+    once more) and spares its recomputation in every forward and input gradient; the base
+    itself (`base.parts()`, the state dict, what is sent or merged) stays W either way.
+    `HeadLTE` turns it on for an fp32 base with the exact variant when the model's folds fit in
+    `LTEConfig.fold_max_bytes` (`one_head_keeps_fold`); for a quantized base it stays opt-in:
+    4·m·n bytes against q(W)'s ~m·n/2 undoes what a 4-bit worker holds q(W) for.
     `impl = "plain"` runs the op-by-op reference (`lte_linear_plain`) instead of `lte_linear`.
     """
 
@@ -527,9 +540,13 @@ def _cached(owner: nn.Module, slot: str, key, make):
     """make(), computed again only when `key` changes; kept on `owner` as a plain attribute (a
     cache: never in the state dict, rebuilt after a load or a move)."""
     hit = owner.__dict__.get(slot)
-    if hit is None or hit[0] != key:
-        owner.__dict__[slot] = hit = (key, make())
-    return hit[1]
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    owner.__dict__.pop(slot, None)  # drop the stale value first: never two of them alive at once
+    hit = None
+    value = make()
+    owner.__dict__[slot] = (key, value)
+    return value
 
 
 def set_impl(model: nn.Module, impl: str) -> None:

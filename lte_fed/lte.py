@@ -29,7 +29,8 @@ from torch import nn
 
 from . import rng
 from .convert import NORM_TYPES, PrepareRecord, prepare, to_original_state
-from .lora import INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors, head_scale, pad_rank
+from .lora import (INITS, VARIANTS, LoRALinear, StackedLoRALinear, commit_factors, head_scale, one_head_keeps_fold,
+                   pad_rank)
 from .quant import check_format
 from .spec import LTESpec, QuantSpec, RunSpec
 
@@ -195,6 +196,14 @@ class HeadLTE(nn.Module):
             layer = LoRALinear(net.get_submodule(name), cfg.rank, cfg.alpha, variant=cfg.variant,
                                init=cfg.init, quant=cfg.quant, generator=gen)
             _set(net, name, layer)
+        # An fp32 base with the exact variant keeps W - s·V per layer (4·m·n bytes) when all of
+        # them fit in cfg.fold_max_bytes, as the stacked engine keeps its per-head folds: the
+        # step then costs what the stacked engine's does per head (lora.one_head_keeps_fold).
+        layers = [net.get_submodule(name) for name in self.plan.lora]
+        keep = one_head_keeps_fold(cfg.quant, cfg.variant, [(l.out_features, l.in_features) for l in layers],
+                                   cfg.fold_max_bytes)
+        for layer in layers:
+            layer.cache_base = keep
         _materialize(net)
         for name in self.plan.replicas:
             p = net.get_parameter(name)

@@ -22,7 +22,9 @@ Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exa
 The dequant buffer is one fp32 copy of the largest Linear (the forward and the input-gradient
 rebuild W on the fly, one layer at a time). The exact variant needs it with a full-precision base
 too: a client folds W - s·V into such a transient when that is the cheaper matmul
-(`lora.fold_is_cheaper`, true at ViT sizes and batches).
+(`lora.fold_is_cheaper`, true at ViT sizes and batches), or, when the whole model's folds fit in
+`LTEConfig.fold_max_bytes`, keeps W - s·V for every Linear (`lora.one_head_keeps_fold`): then
+the buffer is 4·Σ m·n, the fp32 base once more.
 
 The message: a federated worker gets q(W) and the merged replicas in the server's message,
 and Flower holds that message (its serialized arrays, base bytes + 4 · replica elements) for as
@@ -56,6 +58,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from .lora import one_head_keeps_fold
 from .quant import BLOCKSIZE_4BIT, check_format
 
 if TYPE_CHECKING:
@@ -177,13 +180,23 @@ def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, i
         "trainable": FP32 * (trainable + corr),
         "grads": FP32 * trainable,
         "optimizer": 2 * FP32 * trainable,
-        "workspace": 0 if quant == "none" and variant != "exact" else FP32 * max(m * n for m, n in shape.linears),
+        "workspace": _workspace(shape, cfg),
         "message": 0,
         "activations": activation_bytes(shape, batch, rank, 2 if variant == "exact" else 1),
     }
     out["message"] = out["base"] + FP32 * shape.replica_elems  # the server's q(W) + replicas, as Flower holds them
     out["total"] = _peak(out)
     return out
+
+
+def _workspace(shape: ModelShape, cfg: "LTEConfig") -> int:
+    """The client's fp32 (m, n) buffers (module docstring): none for an fp32 base without V,
+    every Linear's fold when the client keeps them, else one transient of the largest."""
+    if one_head_keeps_fold(cfg.quant, cfg.variant, shape.linears, cfg.fold_max_bytes):
+        return FP32 * sum(m * n for m, n in shape.linears)
+    if cfg.quant == "none" and cfg.variant != "exact":
+        return 0
+    return FP32 * max(m * n for m, n in shape.linears)
 
 
 def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:

@@ -4,6 +4,7 @@ applied as one rank-2r product, cached bases) computes what the op-by-op referen
 engine's layer and the one-head client's, each branch taken for real."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -142,6 +143,8 @@ def test_whole_models_fast_equal_plain(variant, fold_max_bytes):
             _mid_training(layer, g)
             if isinstance(layer, StackedLoRALinear):
                 assert layer.fold == (fold_max_bytes > 0)
+            else:  # the one-head model keeps W - s·V per layer within the same budget
+                assert layer.cache_base == (fold_max_bytes > 0 and variant == "exact")
         grads = {}
         for impl in ("plain", "fast"):
             set_impl(model, impl)
@@ -151,6 +154,55 @@ def test_whole_models_fast_equal_plain(variant, fold_max_bytes):
             grads[impl] = {"out": out.detach()} | {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
         for k, v in grads["plain"].items():
             torch.testing.assert_close(grads["fast"][k], v, rtol=1e-9, atol=1e-11, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def _head_step(model, x):
+    """Output and every trainable tensor's gradient of one forward + backward of `model`."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return {"out": out.detach()} | {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_one_head_kept_fold_leaves_the_base_as_it_is():
+    """An fp32-base one-head model keeps W - s·V per layer (`one_head_keeps_fold`) as a cache
+    beside W: what is sent, exported or merged (base_state, the state dict, q(W)'s parts) stays
+    W bit for bit through training steps and a merge, the fold follows V, and every step equals
+    the per-use fold's (fold_max_bytes=0) and the op-by-op reference's."""
+    cfg = LTEConfig(heads=2, rank=RANK, alpha=ALPHA, variant="exact", quant="none")
+    kept = parameterize_head(_vit(), cfg, head=1).double()  # float64: see the test above
+    per_use = parameterize_head(_vit(), dataclasses.replace(cfg, fold_max_bytes=0), head=1).double()
+    g = torch_generator(42)
+    for layer in kept.lora_layers().values():
+        _mid_training(layer, g)
+    per_use.load_state_dict(kept.state_dict())
+    assert all(l.cache_base for l in kept.lora_layers().values())
+    assert not any(l.cache_base for l in per_use.lora_layers().values())
+    base = {k: t.clone() for k, t in kept.base_state().items()}
+    state = {k: t.clone() for k, t in kept.state_dict().items() if ".base." in k}
+    assert base and state
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    for _ in range(2):
+        for impl in ("fast", "plain"):
+            set_impl(kept, impl)
+            res = _head_step(kept, x)
+            ref = _head_step(per_use, x)
+            for k, v in ref.items():
+                torch.testing.assert_close(res[k], v, rtol=1e-9, atol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+        for layer in kept.lora_layers().values():
+            w = layer.base.parts()["weight"]
+            fold = layer.__dict__["_base_cache"][1]
+            assert fold.data_ptr() != w.data_ptr()  # a copy beside W, never W itself
+            W_minus_sV = w - layer.scale * layer.corr_B @ layer.corr_A
+            torch.testing.assert_close(fold, W_minus_sV, rtol=1e-12, atol=1e-12)
+        assert all(torch.equal(t, base[k]) for k, t in kept.base_state().items())
+        assert all(torch.equal(kept.state_dict()[k], t) for k, t in state.items())
+        kept.commit_merge()  # V <- B A: the fold must follow
+        per_use.commit_merge()
+        with torch.no_grad():
+            for model in (kept, per_use):
+                for layer in model.lora_layers().values():
+                    layer.lora_B.add_(0.05)  # a step after the merge: B A - V != 0
 
 
 def test_fast_path_is_deterministic():

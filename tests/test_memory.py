@@ -111,3 +111,20 @@ def test_cli_bad_input_subprocess():
     r = _cli("--model", "nope")
     assert r.returncode == 2
     assert "unknown model" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("variant", ["exact", "reset"])
+def test_fp32_client_workspace_is_its_kept_folds(vit_base, variant):
+    """An fp32-base exact client keeps W - s·V for every Linear within fold_max_bytes (the fp32
+    base once more), else one transient of the largest; reset has nothing to fold."""
+    import dataclasses
+
+    elems = [m * n for m, n in vit_base.linears]
+    cfg = dataclasses.replace(CFG, quant="none", variant=variant)
+    kept = estimate_lte(vit_base, cfg, 8)["workspace"]
+    per_use = estimate_lte(vit_base, dataclasses.replace(cfg, fold_max_bytes=0), 8)["workspace"]
+    if variant == "exact":
+        assert kept == 4 * sum(elems) and per_use == 4 * max(elems)
+    else:
+        assert kept == per_use == 0
+    assert estimate_lte(vit_base, CFG, 8)["workspace"] == 4 * max(elems)  # nf4: a transient, always
