@@ -464,14 +464,17 @@ class StackedLoRALinear(nn.Module):
     def _folded(self) -> torch.Tensor:
         """Per-head bases W_q - s·V_n, (N, m, n), kept until W, q(W) or V change (at merges).
         Costs N·m·n floats, and makes the exact variant's step cost the reset variant's: V is
-        never applied to the tokens."""
-        key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
-                         self.corr_A, self.corr_B, self.head_scales), self.scale)
-
+        never applied to the tokens. A worker that dequantizes per use (`cache_base = False`
+        with a quantized base) folds per use too: it holds q(W) and its heads, and the fp32
+        folds (8× an NF4 q(W) per head) only while one layer's matmul runs. Same values."""
         def make():
             w = self.weight if self.base is None else self.base.dequantize()
             return fold_correction(w, self.corr_B, self.corr_A, self.s)
 
+        if self.base is not None and not self.cache_base:
+            return make()
+        key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
+                         self.corr_A, self.corr_B, self.head_scales), self.scale)
         return _cached(self, "_fold_cache", key, make)
 
     @property

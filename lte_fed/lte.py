@@ -344,6 +344,8 @@ class StackedLTE(nn.Module):
         # Built from a skeleton too (a node, lte_fed/worker.py: no W at build), the exact variant
         # folds W - s·V_n per head while training when all of them fit in cfg.fold_max_bytes, as
         # the fused engine does: the node then computes bit for bit what the fused engine does.
+        # A node with a quantized base folds per use and keeps nothing m×n in fp32 between uses
+        # (StackedLoRALinear._folded).
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
                                       init=cfg.init, quant=cfg.quant, generators=gens,

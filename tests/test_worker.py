@@ -48,6 +48,7 @@ def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_crea
 def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_no_W_is_created(tmp_path):
     """Two heads of different rank (zero-padded, per-head scales) on one q(W): the node's model
     from the skeleton trains exactly as the same StackedLTE built from the full model."""
+    from lte_fed.lora import StackedLoRALinear
     from lte_fed.lte import StackedLTE
     from lte_fed.node import train_heads
 
@@ -76,6 +77,11 @@ def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_n
     for i in range(2):
         got, want = model.head_state(i), ref.head_state(i)
         assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    # Between steps the node keeps no fp32 m×n: neither q(W) dequantized nor the per-head folds
+    # W - s·V_n (the fused engine's reference keeps both).
+    layers = [m for m in model.modules() if isinstance(m, StackedLoRALinear)]
+    assert layers and not any(k in m.__dict__ for m in layers for k in ("_fold_cache", "_deq_cache"))
+    assert any("_fold_cache" in m.__dict__ for m in ref.modules() if isinstance(m, StackedLoRALinear))
 
 
 def test_a_message_without_the_whole_base_is_refused(tmp_path):
