@@ -126,6 +126,7 @@ class Deployment:
 
     def __init__(self, root: Path, certs: Path, keys: Path, nodes: int = NODES):
         self.root, self.nodes = root, nodes
+        root.mkdir(parents=True, exist_ok=True)  # the scripts run in it
         self.state = root / "state"
         self.port = free_port()
         self.node_ports = [free_port() for _ in range(nodes)]
