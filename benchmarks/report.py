@@ -141,17 +141,19 @@ def deploy_md(d: dict) -> list[str]:
          "Deployment: SuperLink + one SuperNode per head on loopback (TLS, node auth), started and stopped by the "
          "benchmark. Seconds per round (the server's wall time, configure -> aggregate); client columns are the worst "
          "head's reply metrics (lte_fed/costs.py): `start` = process start -> handler (interpreter, Flower's own "
-         "per-message work, imports), then data, model, train, reply. overhead = round - slowest training.", "",
+         "per-message work, imports), then the job's libraries (libs), data, model, train, reply. overhead = round - "
+         "slowest training.", "",
          f"Floor (`python -c \"import torch, flwr.clientapp\"`, this run, median of {len(d['floor_s'])}): "
          f"**{floor:.2f} s**.", "",
-         "| engine | round | round s | train s | overhead s | overhead / floor | start | imports | data | model | reply | peak RSS MiB |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| engine | round | round s | train s | overhead s | overhead / floor | start | imports | libs | data | model | reply "
+         "| peak RSS MiB |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("deployment", "simulation", "fused"):
         for r in d[name]:
             train = r.get("client_train_s")
             over = r["round_s"] - train if train is not None else None
-            cells = [f"{r[k]:.2f}" if k in r else "—" for k in ("client_start_s", "client_imports_s", "client_data_s",
-                                                               "client_model_s", "client_reply_s")]
+            cells = [f"{r[k]:.2f}" if k in r else "—" for k in ("client_start_s", "client_imports_s", "client_libs_s",
+                                                               "client_data_s", "client_model_s", "client_reply_s")]
             L.append(f"| {name} | {r['round']} | {r['round_s']:.2f} | {'—' if train is None else f'{train:.2f}'} | "
                      f"{'—' if over is None else f'{over:.2f}'} | {'—' if over is None else f'{over / floor:.2f}'} | "
                      + " | ".join(cells) + f" | {r.get('client_rss_peak_mib', '—')} |")
