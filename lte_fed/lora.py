@@ -545,8 +545,10 @@ def _cached(owner: nn.Module, slot: str, key, make):
     hit = owner.__dict__.get(slot)
     if hit is not None and hit[0] == key:
         return hit[1]
-    owner.__dict__.pop(slot, None)  # drop the stale value first: never two of them alive at once
-    hit = None
+    # Drop the stale value (the slot and this frame's reference) before making the new one:
+    # never two of them alive at once.
+    owner.__dict__.pop(slot, None)
+    del hit
     value = make()
     owner.__dict__[slot] = (key, value)
     return value
