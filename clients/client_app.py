@@ -94,8 +94,27 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({P.CONFIG: ConfigRecord(node_capacity(context.node_config))}), reply_to=msg)
 
 
+def use_threads(node_config) -> int:
+    """Node config `threads`: the torch threads this node's ClientApp computes with (absent or 0:
+    torch's default, every core). Several SuperNodes on one machine must split its cores: each
+    message's process would otherwise start one thread per core, and OpenMP threads that
+    outnumber the cores spin while they wait for each other (measured with 2 nodes on 2 cores:
+    the model build 9.5 s instead of 1.7 s, docs/performance.md §4)."""
+    value = node_config.get("threads", 0)
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ClientConfigError(f"node config threads={value!r} is not a whole number") from None
+    if n < 0:
+        raise ClientConfigError(f"node config threads={value!r} must be >= 0")
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    use_threads(context.node_config)
     config = _need(msg.content, P.CONFIG, "train message")
     spec_json = _node_spec_json(str(_need(config, "spec", "train config")), context.node_config)
     spec = Spec.from_dict(P.spec_from_json(spec_json))
@@ -140,8 +159,9 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         cuts = [model.head_cuts(i) for i in range(len(heads))]
         load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
         model.load_replicas(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
-        # the compressed uplink sends each head's change over the round
-        began = [{k: t.clone() for k, t in model.head_state(i).items()} for i in range(len(heads))]
+        # a compressed uplink sends each head's change over the round (fp32 sends the head itself)
+        began = [{k: t.clone() for k, t in model.head_state(i).items()} if spec.comm.up != "fp32" else {}
+                 for i in range(len(heads))]
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
     with watch("train"):
@@ -183,8 +203,6 @@ def _node_model(job, heads: list[int], ranks: list[int], msg: Message, cost: dic
     with W.FullWeightWatch(W.lora_shapes_of(job) if quantized else set()) as seen:
         model = W.node_model(dataclasses.replace(job, plain=copy.deepcopy(job.plain)), heads, ranks)  # meta: free
         W.fill_node(model, base, replicas)
-        model.init_state = [{k: t.clone() for k, t in model.head_state(i, with_corr=True).items()}
-                            for i in range(len(heads))]
     cost["full_weights"] = seen.count if quantized else -1
     if seen.count:
         log.error("heads %s: the model's build created full-precision W: %s", heads, seen.seen)
@@ -204,8 +222,7 @@ def _load_head(model: StackedLTE, i: int, store: "StateFiles", source: str, comm
     """Head slice i's state as the server's "source" says (strategies/lte_strategy.py); returns
     its saved optimizer state, if it has one, and the uplink's error-feedback residual saved with
     it ({} when the head starts anew: from its init or the server's copy)."""
-    if source == "fresh":  # never trained: its init, drawn from (seed, head)
-        model.load_head_state(i, model.init_state[i])
+    if source == "fresh":  # never trained: as built, A drawn from (seed, head), B and V zero
         return None, {}
     if source in ("local", "local-or-restore"):
         saved = store.load(state_round)

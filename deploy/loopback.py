@@ -173,9 +173,12 @@ class Deployment:
             self.start_node(i)
 
     def start_node(self, i: int, capacity: str = "") -> None:
-        """SuperNode i; `capacity` is node config it adds ("heads=2 rank=8", NODE_CAPACITY)."""
+        """SuperNode i; `capacity` is node config it adds ("heads=2 rank=8", NODE_CAPACITY). The
+        nodes share this machine's cores (node config `threads`, NODE_THREADS), as one device each
+        has its own."""
+        threads = max(1, (os.cpu_count() or 1) // self.nodes)
         self.script("start_supernode.sh", i, self.nodes, env={"NODE_PORT": str(self.node_ports[i]),
-                                                              "NODE_CAPACITY": capacity})
+                                                              "NODE_CAPACITY": capacity, "NODE_THREADS": str(threads)})
 
     def restart_nodes(self, capacity: dict[int, str]) -> None:
         """Stop every SuperNode (SIGTERM deactivates it at once) and start it again, with the

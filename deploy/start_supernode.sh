@@ -3,7 +3,8 @@
 # background: key $KEYS/node_ID, Runtime API port 9094+ID (each node on a machine needs its
 # own), node_config partition-id=ID num-partitions=N state-dir=$STATE/node_ID (the head and its
 # AdamW state, so a restarted node continues), with DATA_ROOT data-root=DATA_ROOT, and with
-# NODE_CAPACITY (e.g. "heads=4 rank=16", "memory-gb=24") what the node can carry.
+# NODE_CAPACITY (e.g. "heads=4 rank=16", "memory-gb=24") what the node can carry; with
+# NODE_THREADS the torch threads its ClientApp uses (several nodes on one machine split its cores).
 # PID in $STATE/pids/supernode_ID.pid, log in $STATE/logs/supernode_ID.log.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
@@ -22,6 +23,11 @@ NODE_CONFIG="partition-id=$ID num-partitions=$N state-dir=\"$STATE/node_$ID\""
 [[ -z "$DATA_ROOT" ]] || NODE_CONFIG+=" data-root=\"$(cd "$DATA_ROOT" && pwd)\""
 # NODE_CAPACITY (optional): what this device can carry, e.g. "heads=4 rank=16" or "memory-gb=24"
 [[ -z "${NODE_CAPACITY:-}" ]] || NODE_CONFIG+=" $NODE_CAPACITY"
+# NODE_THREADS (optional): torch threads per message; split the cores when several nodes share a machine
+if [[ -n "${NODE_THREADS:-}" ]]; then
+  [[ "$NODE_THREADS" =~ ^[0-9]+$ ]] || die "NODE_THREADS must be a whole number, got '$NODE_THREADS'"
+  NODE_CONFIG+=" threads=$NODE_THREADS"
+fi
 
 LOG="$STATE/logs/supernode_$ID.log"
 SKIP=0; [[ -f "$LOG" ]] && SKIP=$(wc -l < "$LOG")

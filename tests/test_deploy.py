@@ -111,6 +111,23 @@ def test_a_nodes_data_root_overrides_the_runs():
     assert P.spec_from_json(_node_spec_json(spec_json, {"data-root": "/dev/data"}))["data"]["root"] == "/dev/data"
 
 
+def test_a_nodes_threads_are_applied_and_bad_values_refused():
+    import torch
+
+    from clients.client_app import ClientConfigError, use_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert use_threads({"partition-id": 0}) == before  # absent: torch's default stays
+        assert use_threads({"threads": 0}) == before
+        assert use_threads({"threads": 1}) == 1 == torch.get_num_threads()
+        for bad in ("two", -1, 1.5j):
+            with pytest.raises(ClientConfigError, match="threads"):
+                use_threads({"threads": bad})
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def clean_run(deployment, tmp_path_factory):
     """One uninterrupted LTE run (2 rounds) through the deployment: (run dir, flwr run's output)."""
