@@ -44,6 +44,7 @@ IMPORTS_S = time.perf_counter() - _IMPORT_T0
 log = logging.getLogger("lte_fed.client")
 app = ClientApp()
 _served = 0  # messages this process handled: only the first pays the start-up
+MMAP_THRESHOLD_MIB = 8.0  # node config mmap-threshold-mib's default (use_mmap_threshold)
 
 
 class ClientConfigError(ValueError):
@@ -112,9 +113,24 @@ def use_threads(node_config) -> int:
     return torch.get_num_threads()
 
 
+def use_mmap_threshold(node_config) -> bool:
+    """Node config `mmap-threshold-mib` (default 8; 0: glibc's own moving threshold): blocks this
+    large or larger get their own mmap, so the dequantized tiles of a quantized base do not
+    fragment the heap (lte_fed/costs.py `pin_mmap_threshold`); whether it was applied."""
+    value = node_config.get("mmap-threshold-mib", MMAP_THRESHOLD_MIB)
+    try:
+        mib = float(value)
+    except (TypeError, ValueError):
+        raise ClientConfigError(f"node config mmap-threshold-mib={value!r} is not a number") from None
+    if not 0 <= mib <= 32:  # glibc's own ceiling for the threshold is 32 MiB on 64-bit
+        raise ClientConfigError(f"node config mmap-threshold-mib={value!r} must be in [0, 32]")
+    return bool(mib) and costs.pin_mmap_threshold(int(mib * 2**20))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     use_threads(context.node_config)
+    use_mmap_threshold(context.node_config)
     config = _need(msg.content, P.CONFIG, "train message")
     spec_json = _node_spec_json(str(_need(config, "spec", "train config")), context.node_config)
     spec = Spec.from_dict(P.spec_from_json(spec_json))

@@ -128,6 +128,21 @@ def test_a_nodes_threads_are_applied_and_bad_values_refused():
         torch.set_num_threads(before)
 
 
+def test_a_nodes_mmap_threshold_is_pinned_and_bad_values_refused():
+    import platform
+
+    from clients.client_app import ClientConfigError, use_mmap_threshold
+
+    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert use_mmap_threshold({}) is glibc  # the default, 8 MiB
+    assert use_mmap_threshold({"mmap-threshold-mib": "0.5"}) is glibc
+    assert use_mmap_threshold({"mmap-threshold-mib": 0}) is False  # glibc's own moving threshold
+    for bad in ("big", -1, 33):
+        with pytest.raises(ClientConfigError, match="mmap-threshold-mib"):
+            use_mmap_threshold({"mmap-threshold-mib": bad})
+    use_mmap_threshold({})
+
+
 @pytest.fixture(scope="module")
 def clean_run(deployment, tmp_path_factory):
     """One uninterrupted LTE run (2 rounds) through the deployment: (run dir, flwr run's output)."""
