@@ -79,14 +79,22 @@ def node_capacity(node_config) -> dict:
     (0 where not declared)."""
     out = {"partition-id": int(_need(node_config, "partition-id", "node config"))}
     for key, kind in (("heads", int), ("rank", int), ("memory-gb", float)):
-        value = node_config.get(key, 0)
-        try:
-            out[key] = kind(value)
-        except (TypeError, ValueError):
-            raise ClientConfigError(f"node config {key}={value!r} is not a number") from None
-        if out[key] < 0:
-            raise ClientConfigError(f"node config {key}={value!r} must be >= 0")
+        out[key] = node_number(node_config, key, kind)
     return out
+
+
+def node_number(node_config, key: str, kind: type = int, default: float = 0, most: float | None = None):
+    """Node config `key` as `kind`, >= 0 (and <= `most`), `default` where absent; a bad value is a
+    ClientConfigError naming the key."""
+    value = node_config.get(key, default)
+    try:
+        number = kind(value)
+    except (TypeError, ValueError):
+        raise ClientConfigError(f"node config {key}={value!r} is not a number") from None
+    if number < 0 or most is not None and number > most:
+        bounds = ">= 0" if most is None else f"in [0, {most}]"
+        raise ClientConfigError(f"node config {key}={value!r} must be {bounds}")
+    return number
 
 
 @app.query()
@@ -101,13 +109,7 @@ def use_threads(node_config) -> int:
     message's process would otherwise start one thread per core, and OpenMP threads that
     outnumber the cores spin while they wait for each other (measured with 2 nodes on 2 cores:
     the model build 9.5 s instead of 1.7 s, docs/performance.md §4)."""
-    value = node_config.get("threads", 0)
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ClientConfigError(f"node config threads={value!r} is not a whole number") from None
-    if n < 0:
-        raise ClientConfigError(f"node config threads={value!r} must be >= 0")
+    n = node_number(node_config, "threads")
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
@@ -117,13 +119,8 @@ def use_mmap_threshold(node_config) -> bool:
     """Node config `mmap-threshold-mib` (default 8; 0: glibc's own moving threshold): blocks this
     large or larger get their own mmap, so the dequantized tiles of a quantized base do not
     fragment the heap (lte_fed/costs.py `pin_mmap_threshold`); whether it was applied."""
-    value = node_config.get("mmap-threshold-mib", MMAP_THRESHOLD_MIB)
-    try:
-        mib = float(value)
-    except (TypeError, ValueError):
-        raise ClientConfigError(f"node config mmap-threshold-mib={value!r} is not a number") from None
-    if not 0 <= mib <= 32:  # glibc's own ceiling for the threshold is 32 MiB on 64-bit
-        raise ClientConfigError(f"node config mmap-threshold-mib={value!r} must be in [0, 32]")
+    # 32: glibc's own ceiling for the threshold on 64-bit
+    mib = node_number(node_config, "mmap-threshold-mib", float, MMAP_THRESHOLD_MIB, most=32)
     return bool(mib) and costs.pin_mmap_threshold(int(mib * 2**20))
 
 

@@ -21,6 +21,7 @@ the slowest and the largest worker are what bound a round and a device.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -71,13 +72,20 @@ def pin_mmap_threshold(nbytes: int) -> bool:
     stayed there. Pinned at 8 MiB, the largest tiles never enter the heap: peak 1,386 against
     1,557 MiB, step time +1.6%. Lower thresholds save a little more (128 KiB: 1,269 MiB) at a
     cost of 17-50% in page faults (docs/performance.md §4)."""
+    libc = _glibc()
+    M_MMAP_THRESHOLD = -3  # malloc.h
+    return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+@functools.lru_cache(maxsize=1)
+def _glibc():
+    """This process's glibc (ctypes), or None: looked up once, not on every message."""
     import ctypes
     import platform
 
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    M_MMAP_THRESHOLD = -3  # malloc.h
-    return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+        return None
+    return ctypes.CDLL("libc.so.6")
 
 
 class Stopwatch:
