@@ -18,7 +18,7 @@ import torch
 
 from .common import Timer, default_spec_dict, stats
 
-T_STEPS = {1: 6, 10: 40, 50: 150}  # T -> train.steps (rounds = steps / T: 6, 4, 3)
+T_STEPS = {1: 6, 10: 80, 50: 150}  # T -> train.steps (rounds = steps / T: 6, 8, 3)
 QUICK_T_STEPS = {1: 3, 10: 20}
 
 

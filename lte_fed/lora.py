@@ -424,6 +424,7 @@ class StackedLoRALinear(nn.Module):
         else:
             self.scale, self.head_scales = head_scales[0], None
         self.variant = variant
+        self.init = init
         self.quant = quant
         self.mode = "split"
         self.fold = fold
@@ -448,6 +449,18 @@ class StackedLoRALinear(nn.Module):
             self.register_buffer("corr_B", torch.zeros(heads, m, rank))
         else:
             self.corr_A = self.corr_B = None
+
+    @torch.no_grad()
+    def reset_head(self, n: int, generator: torch.Generator | None) -> None:
+        """Slice n as built: A drawn from `generator` (what the constructor draws for that head;
+        None: A is left for the caller to overwrite), B and V zero."""
+        if generator is not None:
+            r = self.ranks[n]
+            self.lora_A[n].copy_(F.pad(init_lora_A(r, self.in_features, self.init, generator), (0, 0, 0, self.rank - r)))
+        self.lora_B[n].zero_()
+        if self.corr_A is not None:
+            self.corr_A[n].zero_()
+            self.corr_B[n].zero_()
 
     def _base_weight(self) -> torch.Tensor:
         """The shared base W (m, n) the forward uses: W itself, or q(W) dequantized once and

@@ -491,6 +491,16 @@ class StackedLTE(nn.Module):
                     p[n].copy_(state[name].reshape(p[n].shape))
 
     @torch.no_grad()
+    def reset_head(self, n: int, head_id: int, draw: bool = True) -> None:
+        """Make slice n head `head_id` as built (a node's model reused for other heads): A drawn
+        from (seed, head_id) in layer order, exactly as the constructor draws it (`draw=False`:
+        left for a load to overwrite), B and V zero. Replicas are the caller's to load."""
+        self.head_ids[n] = int(head_id)
+        gen = rng.torch_generator(self.cfg.seed, rng.INIT, int(head_id)) if draw else None
+        for l in self.lora_layers().values():
+            l.reset_head(n, gen)
+
+    @torch.no_grad()
     def commit_head(self, n: int) -> None:
         """Head slice n's last update is in W now: V <- B A (exact) or B <- 0 (reset)."""
         for l in self.lora_layers().values():

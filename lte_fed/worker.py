@@ -211,7 +211,7 @@ def plain_model(job: Job, state: dict[str, torch.Tensor]) -> nn.Module:
     return model.to(job.device)
 
 
-def lora_shapes(model: HeadLTE) -> set[tuple[int, int]]:
+def lora_shapes(model: "HeadLTE | StackedLTE") -> set[tuple[int, int]]:
     """(m, n) of every LoRA'd Linear: the shapes of W a worker must never hold in full precision."""
     return {(l.out_features, l.in_features) for l in model.lora_layers().values()}
 

@@ -250,3 +250,29 @@ def test_a_partial_round_of_mixed_ranks_through_int8_and_nesterov_damps_before_t
         damped = R0[n] + share * (torch.stack([got[h][n] for h in (0, 2)]).mean(0) - R0[n])
         d = damped - R0[n]
         assert torch.allclose(r, damped + (outer_update(d, {}, ocfg)[0] - d), atol=1e-6), n
+
+
+@pytest.mark.parametrize("variant, ranks", [("exact", None), ("reset", [2, 4, 8])])
+def test_a_slice_reset_to_another_head_is_that_head_as_built(variant, ranks):
+    """A kept node model (clients/client_app.py) is retargeted with `reset_head`: the slice must
+    be exactly what a fresh build for that head holds: A drawn from (seed, head), B and V zero."""
+    spec = quick_spec("lte", lte={"heads": 6, "variant": variant}, train={"batch_size": 12})
+    job = setup(spec)
+    cfg = lte_config(spec)
+    kept = StackedLTE(job.plain, cfg, [0, 1, 2], ranks)
+    with torch.no_grad():  # as after training: every factor moved
+        for l in kept.lora_layers().values():
+            for t in (l.lora_A, l.lora_B, *((l.corr_A, l.corr_B) if l.corr_A is not None else ())):
+                t.add_(1.0)
+    kept.reset_head(1, 5)
+    kept.reset_head(2, 3, draw=False)  # A is left for a load to overwrite
+    fresh = StackedLTE(job.plain, cfg, [0, 5, 4], ranks)
+    assert kept.head_ids == [0, 5, 3]
+    a, b = kept.head_state(1, with_corr=True), fresh.head_state(1, with_corr=True)
+    assert a.keys() == b.keys()
+    lora = [k for k in a if ".lora_" in k or ".corr_" in k]
+    assert lora and all(torch.equal(a[k], b[k]) for k in lora)
+    moved = kept.head_state(0, with_corr=True)
+    assert not torch.equal(moved[lora[0]], fresh.head_state(0, with_corr=True)[lora[0]])  # slice 0 untouched
+    kept2 = kept.head_state(2, with_corr=True)
+    assert all(not kept2[k].any() for k in lora if not k.endswith("lora_A"))

@@ -4,6 +4,7 @@ survives damage; the FedAvg worker takes the received weights as its own."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lte_fed import costs
@@ -141,3 +142,78 @@ def test_round_costs_take_the_worst_head():
     assert row["client_train_s"] == 12.0 and row["client_rss_peak_mib"] == 700.0 and row["client_start_s"] == 5.0
     assert row["client_overhead_s"] == round(5.0 + 0.1 + 1.0 + 0.3, 3)  # the slowest worker's non-training time
     assert costs.round_costs({}) == {}
+
+
+def _client_rounds(tmp_path, keep: bool, rounds: int = 3) -> dict[str, torch.Tensor]:
+    """`rounds` rounds of N=4 heads on 2 nodes, both served by this one process (as one Ray
+    actor may serve every node), through the strategy and the ClientApp's real handler; keep:
+    the process reuses its node model across messages, else it builds one per message."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import clients.client_app as CA
+    from lte_fed.placement import NodeInfo
+    from strategies.lte_strategy import LTEStrategy
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    s = spec(lte={"heads": 4, "merge_every": 2, "variant": "exact"}, train={"batch_size": 8, "steps": 2 * rounds},
+             run={"engine": "flower", "out": str(tmp_path / "run")})
+    job = setup(s)
+    strategy = LTEStrategy(s, job, tmp_path / "run")
+    nodes = [100, 101]
+    for i, node in enumerate(nodes):
+        strategy.partitions.add(NodeInfo(node, i))
+
+    class Grid:
+        def get_node_ids(self):
+            return list(nodes)
+
+    contexts = {n: Context(1, n, {"partition-id": i}, RecordDict(), {}) for i, n in enumerate(nodes)}
+    built = 0
+    for rnd in range(1, rounds + 1):
+        replies = []
+        for i, msg in enumerate(strategy.configure_train(rnd, None, ConfigRecord(), Grid())):
+            msg.metadata.__dict__["_message_id"] = f"down-{rnd}-{i}"
+            if not keep:
+                CA._KEPT.clear()
+            built += not CA._KEPT
+            reply = CA.train(msg, contexts[msg.metadata.dst_node_id])
+            reply.metadata.__dict__["_message_id"] = f"up-{rnd}-{i}"
+            replies.append(reply)
+        _, metrics = strategy.aggregate_train(rnd, replies)
+        assert metrics["merged_heads"] == 4
+    CA._KEPT.clear()
+    assert built == (1 if keep else 2 * rounds)
+    return strategy.plain_state()
+
+
+def test_a_kept_node_model_serving_other_heads_trains_what_fresh_builds_train(tmp_path):
+    kept, fresh = _client_rounds(tmp_path / "kept", keep=True), _client_rounds(tmp_path / "fresh", keep=False)
+    assert kept.keys() == fresh.keys()
+    assert all(torch.equal(kept[k], fresh[k]) for k in kept)
+
+
+def test_a_nodes_state_file_is_packed_read_back_exactly_and_a_damaged_layout_is_named(tmp_path):
+    from flwr.app import Context, RecordDict
+    from safetensors.torch import save_file
+
+    import clients.client_app as CA
+
+    store = CA.StateFiles(Context(1, 1, {"state-dir": str(tmp_path)}, RecordDict(), {}), spec(), "run1", "head-0")
+    gen = torch.Generator().manual_seed(0)
+    head = {"a.lora_A": torch.randn(4, 6, generator=gen), "a.lora_B": torch.randn(6, 4, generator=gen)[:, :2],
+            "pos": torch.randn(1, 3, 6, generator=gen), "empty": torch.zeros(0, 5)}
+    opt = {"0.step": torch.tensor(7.0), "0.exp_avg": torch.randn(4, 6, generator=gen), "1.count": torch.tensor([3, 4])}
+    store.save(head, opt, rnd=2, keep_from=0)
+    got = store.load(2)
+    want = CA.prefixed("head", head) | CA.prefixed("opt", opt)
+    assert got.keys() == want.keys()
+    assert all(got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want)
+    # a file written before packing (one tensor per name) still loads
+    save_file({k: t.contiguous() for k, t in want.items()}, str(store._file(3)))
+    assert all(torch.equal(store.load(3)[k], want[k]) for k in want)
+    # a layout that points outside its buffer is an error naming the file
+    packed, _ = CA.pack_tensors(want)
+    save_file(packed, str(store._file(4)), metadata={CA.LAYOUT: '[["x", "float32", [1000], 0]]'})
+    with pytest.raises(ValueError, match=r"head-0-r4.*layout"):
+        store.load(4)
