@@ -12,7 +12,8 @@ Rules, in order:
    fresh start node 0 takes heads 0..k0-1, node 1 the next k1, and so on.
 3. Heads that find no room wait for the next round (a node's capacity is a promise to its
    memory; it is never exceeded). A head therefore outlives its node: when its node is gone it
-   moves to any node with room, with its state from the server.
+   moves to any node with room, with its state from the server. A node still busy with an
+   earlier round's message counts as gone until it answers (strategies/grid_utils.py `Pending`).
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ class FedAvgStrategy(RoundLoop):
     def configure_train(self, server_round: int, arrays, config: ConfigRecord, grid) -> Iterable[Message]:
         s = self.spec
         model = ArrayRecord(P.wire(self.model))
-        nodes = {n: node for n, node in self.partitions.node_of.items() if node in set(grid.get_node_ids())}
+        free = self.free_nodes(grid)
+        nodes = {n: node for n, node in self.partitions.node_of.items() if node in free}
         self._sent = [Message(RecordDict({P.WEIGHTS: model, P.CONFIG: ConfigRecord({
             "head": n, "round": server_round, "server-round": server_round, "spec": P.spec_to_json(s.to_dict()),
             "run_id": self.run_id, "state_round": server_round - 1, "keep_from": self.checkpointed})}),

@@ -68,8 +68,9 @@ def poll_interval(waited: float) -> float:
     return min(POLL_S, max(MIN_POLL_S, POLL_SHARE * waited))
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    """Push, then pull until every message has a reply or `timeout` passes."""
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float, label: str = "") -> list[Message]:
+    """Push, then pull until every message has a reply or `timeout` passes; with a `label`
+    (e.g. "round 3"), log how many have answered whenever more have."""
     ids = [i for i in grid.push_messages(messages) if i]
     waiting, replies = set(ids), []
     start = time.monotonic()
@@ -78,10 +79,54 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float) -> lis
         got = list(grid.pull_messages(list(waiting)))
         replies.extend(got)
         waiting -= {m.metadata.reply_to_message_id for m in got}
+        if got and label:
+            log.info("%s: %d of %d nodes answered (%.1f s)", label, len(ids) - len(waiting), len(ids),
+                     time.monotonic() - start)
         if waiting:
             now = time.monotonic()
             time.sleep(max(0.0, min(poll_interval(now - start), deadline - now)))
     return replies
+
+
+class Pending:
+    """The messages rounds stopped waiting for (a node past the deadline or the timeout). Their
+    nodes are busy until they answer: a busy node gets no new message, so a slow node works on
+    one message at a time instead of a queue of stale ones, and its heads go where there is room
+    meanwhile (lte_fed/placement.py, rule 3). A late reply is dropped (its heads were restarted
+    from the server's state). A node silent for `run.round_timeout` after it was given up on
+    counts as free again; a node Flower finds gone answers with an error, which frees it too."""
+
+    def __init__(self):
+        self.sent: dict[str, tuple[int, float]] = {}  # message id -> (its node, when it was given up on)
+
+    def left(self, msgs: list[Message], replies: list[Message]) -> None:
+        """Remember the messages of a round that got no reply."""
+        answered, now = {r.metadata.reply_to_message_id for r in replies}, time.monotonic()
+        for m in msgs:
+            if m.metadata.message_id and m.metadata.message_id not in answered:
+                self.sent[m.metadata.message_id] = (m.metadata.dst_node_id, now)
+
+    def busy(self, grid: Grid, timeout: float) -> set[int]:
+        """The nodes still working on a message of an earlier round (late replies are pulled and
+        dropped)."""
+        if self.sent:
+            for reply in grid.pull_messages(list(self.sent)):
+                node, _ = self.sent.pop(reply.metadata.reply_to_message_id, (None, 0.0))
+                log.info("node %s answered after its round; the reply was dropped", node)
+        now = time.monotonic()
+        self.sent = {m: (n, t) for m, (n, t) in self.sent.items() if now - t <= timeout}
+        return {n for n, _ in self.sent.values()}
+
+    def wait_for_a_free_node(self, grid: Grid, timeout: float) -> set[int]:
+        """`busy`, after waiting (at most `timeout`) until some registered node is not."""
+        start = time.monotonic()
+        while True:
+            busy = self.busy(grid, timeout)
+            nodes = set(grid.get_node_ids())
+            waited = time.monotonic() - start
+            if not nodes or nodes - busy or waited > timeout:
+                return busy
+            time.sleep(poll_interval(waited))
 
 
 class PartitionMap:

@@ -87,7 +87,7 @@ class LTEStrategy(RoundLoop):
         steps = min(s.merge_every, s.train.steps - start)
         base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
-        alive = set(grid.get_node_ids())
+        alive = self.free_nodes(grid)  # a busy node's heads go where there is room
         self._fleet()
         holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
         assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(alive))

@@ -27,7 +27,7 @@ from lte_fed.rundir import RunDir
 from lte_fed.spec import Spec
 from lte_fed.train import evaluate, headline
 
-from .grid_utils import PartitionMap, send_and_receive, wait_for_nodes
+from .grid_utils import PartitionMap, Pending, send_and_receive, wait_for_nodes
 
 log = logging.getLogger("lte_fed.server")
 
@@ -37,6 +37,7 @@ class RoundLoop(Strategy):
     bytes_up, bytes_down, round_loss, alignment, costs (head -> its reply's cost metrics)."""
 
     spec: Spec
+    busy: set[int] = frozenset()  # nodes still on an earlier round's message (set each round)
     job: Job
     dir: RunDir
     partitions: PartitionMap
@@ -52,11 +53,14 @@ class RoundLoop(Strategy):
         if self.round < num_rounds:
             self.wait_for_workers(grid, timeout)
         first = self.round + 1
+        pending = Pending()
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
+            self.busy = pending.wait_for_a_free_node(grid, s.run.round_timeout)
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since
             msgs = list(self.configure_train(rnd, None, ConfigRecord(), grid))
-            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first))
+            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first), label=f"round {rnd}")
+            pending.left(msgs, replies)
             _, metrics = self.aggregate_train(rnd, replies)
             self.round = rnd
             self.wall += time.perf_counter() - t0
@@ -68,6 +72,11 @@ class RoundLoop(Strategy):
                 self.save_checkpoint()
         self.finish()
         return result
+
+    def free_nodes(self, grid: Grid) -> set[int]:
+        """The registered nodes that this round may give work: not `busy` with an earlier
+        round's message (grid_utils.Pending)."""
+        return set(grid.get_node_ids()) - self.busy
 
     def wait_for_workers(self, grid: Grid, timeout: float) -> None:
         """Before round 1: one node per worker (LTEStrategy waits for capacity instead)."""

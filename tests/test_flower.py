@@ -100,6 +100,23 @@ def test_a_head_whose_node_is_gone_for_a_round_continues(tmp_path):
     assert all(math.isfinite(r["test_loss"]) for r in rows)
 
 
+def test_a_node_past_the_deadline_gets_no_new_message_until_it_answers(tmp_path):
+    """Head 1's node hangs in round 2 (for round_timeout + 3 s): the deadline merges head 0
+    alone, and while the node is still busy its head trains on the free node (from the server's
+    state) instead of queueing behind the hung message."""
+    spec = quick_spec("lte", "flower", lte={"heads": 2, "merge_every": 2}, train={"steps": 10},
+                      run={"fault": "hang:1:2", "nodes": 2, "round_deadline": 5.0, "round_timeout": 30.0})
+    run_flower(spec, tmp_path)
+    rows = RunDir(tmp_path).read_metrics()
+    assert [r["merged_heads"] for r in rows] == [2, 1, 2, 2, 2]
+    assert rows[0]["placement"] == [{"node": 0, "heads": [0], "ranks": [4]}, {"node": 1, "heads": [1], "ranks": [4]}]
+    # round 3 starts ~5 s into a hang of 33 s: node 1 is busy, node 0 takes both heads
+    assert rows[2]["placement"] == [{"node": 0, "heads": [0, 1], "ranks": [4, 4]}]
+    logged = (tmp_path / "flower.log").read_text()
+    assert "round 3: head 1 goes to node" in logged
+    assert all(math.isfinite(r["test_loss"]) for r in rows)
+
+
 def test_fedavg_baseline_runs_through_flowers_fedavg(tmp_path):
     summary = run_flower(quick_spec("fedavg", "flower"), tmp_path)
     rows = RunDir(tmp_path).read_metrics()
