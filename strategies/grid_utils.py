@@ -119,6 +119,8 @@ class Pending:
 
     def wait_for_a_free_node(self, grid: Grid, timeout: float) -> set[int]:
         """`busy`, after waiting (at most `timeout`) until some registered node is not."""
+        if not self.sent:  # the usual round: nothing outstanding, no call to the grid
+            return set()
         start = time.monotonic()
         while True:
             busy = self.busy(grid, timeout)
