@@ -109,8 +109,8 @@ def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
             message_bytes(msgs[0])
         t["serialize_down"].append(x.s)
         with Timer() as x:
-            model.load_base_state(msgs[0].content[P.BASE].to_torch_state_dict())
-            model.load_replicas(msgs[0].content[P.REPLICAS].to_torch_state_dict())
+            model.load_base_state(P.unpack_wire(msgs[0].content[P.BASE].to_torch_state_dict()))
+            model.load_replicas(P.unpack_wire(msgs[0].content[P.REPLICAS].to_torch_state_dict()))
         t["client_load"].append(x.s)
         torch.set_num_threads(max(1, int(spec.run.client_cpus)))  # what one Ray worker gets
         with Timer() as x:
@@ -141,6 +141,29 @@ def parts(T: int, heads: int, tmp: str, reps: int) -> dict:
             "heads_per_node": k, "predicted_round_s": predicted}
 
 
+def floor(nodes: int, tmp: str, rounds: int = 8, arrays: int = 1, values: int = 1) -> dict:
+    """Flower's own round trip on this machine: the no-op app in benchmarks/flower_floor (one
+    message to each of `nodes` simulated nodes, each replying at once with `arrays` float32 arrays
+    of `values` values), through the same launcher, SuperLink and polling as a run. What no
+    change of ours can take off a Flower round. Round 1 (Ray's workers start) is left out."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .common import ROOT
+
+    out = Path(tmp) / f"floor-{nodes}-{arrays}x{values}.json"
+    config = f"nodes={nodes} rounds={rounds} arrays={arrays} values={values} out='{out}'"
+    subprocess.run([sys.executable, "-m", "strategies.launcher", "--app", str(ROOT / "benchmarks" / "flower_floor"),
+                    "--nodes", str(nodes), "--run-config", config, "--log", str(Path(tmp) / "floor.log")],
+                   cwd=ROOT, check=True)
+    if not out.exists():
+        raise RuntimeError(f"the floor app wrote no times (see {Path(tmp) / 'floor.log'})")
+    times = json.loads(out.read_text())[1:]
+    return {"nodes": nodes, "arrays": arrays, "values": values, "round_s": stats(times), "raw": times}
+
+
 def main(a) -> dict:
     tsteps = QUICK_T_STEPS if a.quick else T_STEPS
     Ns = (2, 4) if a.quick else (2, 4, 8, 16)
@@ -152,6 +175,10 @@ def main(a) -> dict:
         for N in Ns:
             hit = next((r for r in out["t_sweep"] if r["T"] == 10 and r["heads"] == N), None)
             out["n_sweep"].append(hit or pair(10, tsteps[10], N, tmp))
+        from strategies.simulation import simulation_nodes
+
+        nodes = simulation_nodes(_spec(10, 10, max(Ns), "flower", tmp))
+        out["floor"] = [floor(nodes, tmp), floor(nodes, tmp, arrays=max(Ns) // nodes, values=16_000)]
     for p in out["parts"]:
         r = next(r for r in out["t_sweep"] if r["T"] == p["T"])
         p["flower_round_s"] = r["flower_round_s"]["median"]

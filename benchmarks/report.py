@@ -130,6 +130,12 @@ def flower_md(d: dict) -> list[str]:
           "| N | per-head batch | fused s/round | flower s/round | flower / fused |", "|---|---|---|---|---|"]
     for r in d["n_sweep"]:
         L.append(f"| {r['heads']} | {64 // r['heads']} | {fmt(r['fused_round_s'])} | {fmt(r['flower_round_s'])} | {r['flower_over_fused']:.2f}× |")
+    if d.get("floor"):
+        L += ["", "Flower's own floor: the no-op app in benchmarks/flower_floor (every node replies at once), same "
+              "launcher, SuperLink and polling; what no change of ours can take off a round.", "",
+              "| nodes | reply | round s |", "|---|---|---|"]
+        for f in d["floor"]:
+            L.append(f"| {f['nodes']} | {f['arrays']} × {f['values']} float32 | {fmt(f['round_s'])} |")
     return L + [""]
 
 

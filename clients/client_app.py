@@ -164,9 +164,10 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         job, src = W.node_sources(spec, heads, str(stores[0].root),
                                   data=lambda _spec, h, cache: _node_data(spec_json, h, cache))
     with watch("model"):
-        model, built = _node_model(job, spec_json, heads, ranks, msg, cost)
+        replicas = P.unpack_wire(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+        model, built = _node_model(job, spec_json, heads, ranks, msg, replicas, cost)
         opt = make_optimizer(model.head_params(), spec.lr, spec.train.weight_decay)
-        restore = msg.content[P.RESTORE].to_torch_state_dict() if P.RESTORE in msg.content else {}
+        restore = P.unpack_wire(msg.content[P.RESTORE].to_torch_state_dict()) if P.RESTORE in msg.content else {}
         if not built:  # a kept model: slice i becomes head h as a fresh build would have it
             for i, h in enumerate(heads):
                 model.reset_head(i, h, draw=sources[i] == "fresh")
@@ -174,7 +175,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
                              state_round) for i, h in enumerate(heads)]
         cuts = [model.head_cuts(i) for i in range(len(heads))]
         load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
-        model.load_replicas(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
+        model.load_replicas(replicas)
         # a compressed uplink sends each head's change over the round (fp32 sends the head itself)
         began = [{k: t.clone() for k, t in model.head_state(i).items()} if spec.comm.up != "fp32" else {}
                  for i in range(len(heads))]
@@ -230,14 +231,13 @@ def _keep_node_model(spec_json: str, ranks: list[int], device, model: StackedLTE
     _KEPT[_model_key(spec_json, ranks, device)] = model
 
 
-def _node_model(job, spec_json: str, heads: list[int], ranks: list[int], msg: Message,
+def _node_model(job, spec_json: str, heads: list[int], ranks: list[int], msg: Message, replicas: dict,
                 cost: dict) -> tuple[StackedLTE, bool]:
     """The node's heads (each at its own rank) stacked on the job's skeleton, filled with the
     message's q(W) and replicas, and whether it was built now (else: kept from the last message,
     its slices still to be reset); whether any full-precision W was created meanwhile goes into
     `cost` (a quantized base only: with quant.base=none the node holds W by choice)."""
-    base = _need(msg.content, P.BASE, "train message").to_torch_state_dict()
-    replicas = _need(msg.content, P.REPLICAS, "train message").to_torch_state_dict()
+    base = P.unpack_wire(_need(msg.content, P.BASE, "train message").to_torch_state_dict())
     quantized = job.spec.quant.base != "none"
     # popped, not read: a second handler running meanwhile in this process builds its own
     model = _KEPT.pop(_model_key(spec_json, ranks, job.device), None)
@@ -256,7 +256,7 @@ def _node_model(job, spec_json: str, heads: list[int], ranks: list[int], msg: Me
 def _uplink_payload(fmt: str, end: dict, start: dict, resid: dict) -> tuple[dict, dict]:
     """What to send for comm.up=`fmt` and the residual to keep (lte_fed/uplink.py)."""
     if fmt == "fp32":
-        return end, {}
+        return uplink.encode(end, fmt), {}
     return uplink.ef_step(end, start, resid, fmt)
 
 
@@ -296,7 +296,7 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
     if kind is None or kind.startswith("slow"):
         return reply
     log.warning("injecting fault %r for head %d in round %d", kind, head, rnd)
-    key = next(k for k in reply if k.endswith(("lora_B", "delta", "scale")))  # fp16 / int8 uplinks: one packed array
+    key = next(k for k in reply if k in ("values", "delta", "scale"))  # the packed array (uplink.py)
     if kind == "raise":
         raise RuntimeError(f"injected fault: head {head} fails in round {rnd}")
     if kind == "nan":
@@ -346,7 +346,7 @@ class StateFiles:
 
         self.dir.mkdir(parents=True, exist_ok=True)
         flat = prefixed("head", tensors) | prefixed("opt", opt) | prefixed("resid", P.wire(resid or {}))
-        packed, layout = pack_tensors(flat)
+        packed, layout = P.pack_tensors(flat)
         tmp = self._file(rnd).with_suffix(".tmp")
         save_file(packed, str(tmp), metadata={"round": str(rnd), LAYOUT: layout})
         tmp.replace(self._file(rnd))
@@ -367,43 +367,12 @@ class StateFiles:
             layout = (f.metadata() or {}).get(LAYOUT)
             stored = {k: f.get_tensor(k) for k in f.keys()}
         try:  # files without a layout hold one tensor per name (written before packing)
-            return stored if layout is None else unpack_tensors(stored, layout)
+            return stored if layout is None else P.unpack_tensors(stored, layout)
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: the saved state does not match its layout ({e})") from None
 
 
-LAYOUT = "layout"  # a state file's metadata key: where each tensor lies in the packed buffers
-
-
-def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """`tensors` as one flat buffer per dtype ("packed.<dtype>") and the JSON layout that
-    `unpack_tensors` reads them back with. A head's state is hundreds of small tensors, and
-    safetensors pays per tensor: packed, saving 8 heads of the digits ViT takes 16 ms, not 126."""
-    import json
-
-    groups: dict[str, list[torch.Tensor]] = {}
-    layout, offsets = [], {}
-    for name, t in tensors.items():
-        key = str(t.dtype).removeprefix("torch.")
-        layout.append([name, key, list(t.shape), offsets.get(key, 0)])
-        offsets[key] = offsets.get(key, 0) + t.numel()
-        groups.setdefault(key, []).append(t.detach().reshape(-1))
-    return {f"packed.{k}": torch.cat(ts) for k, ts in groups.items()}, json.dumps(layout)
-
-
-def unpack_tensors(packed: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
-    """`pack_tensors`' inverse: each tensor a view into its buffer."""
-    import json
-    import math
-
-    out = {}
-    for name, key, shape, offset in json.loads(layout):
-        n = math.prod(shape)
-        buf = packed[f"packed.{key}"]
-        if offset < 0 or offset + n > buf.numel():
-            raise ValueError(f"{name!r} lies outside its buffer")
-        out[name] = buf[offset:offset + n].view(shape)
-    return out
+LAYOUT = "layout"  # a state file's metadata key: where each tensor lies in the packed buffers (protocol.py)
 
 
 # ------------------------------------------------------------------------------- FedAvg

@@ -220,10 +220,11 @@ class RoundMerge:
         """Reject heads whose update is out of proportion (Guard)."""
         g = self.guard
         norms = {h: self._norms(h, s) for h, (_, s, _) in self.got.items()}
+        refs = {name: _reference(t) for name, t in (self.W | self.replicas).items()} if norms else {}
         for h, layer_norms in norms.items():
             reason = None
             for name, d in layer_norms.items():
-                ref = _reference(self.W[name]) if name in self.W else _reference(self.replicas[name])
+                ref = refs[name]
                 if g.max_ratio and not d <= g.max_ratio * ref:
                     reason = f"update of {name!r} is {d:.3g}, over {g.max_ratio:g}x its size {ref:.3g}"
                     break

@@ -9,15 +9,18 @@ Server -> node, one TRAIN message per node per round, carrying all the heads it 
     "restore"   ArrayRecord  (only for heads the node must take over) "<head>.<name>": each such
                              head's state as of its last merge: lora_A, lora_B, corr_A, corr_B,
                              replicas
+                (these three packed by `pack_wire`: one array per dtype and the layout, which
+                the worker reads back with `unpack_wire`)
     "config"    ConfigRecord "heads" (list of head ids), "sources" and "committed" (one per
                              head: where its state comes from; its previous contribution was
                              merged, so apply V <- B A or B <- 0 first), "start_step", "steps",
                              "round", "spec" (the run spec as JSON)
 Node -> server, one record pair per head (a bad head is refused alone):
-    "head.<h>"     ArrayRecord  "<linear>.lora_A", "<linear>.lora_B", "<replica>" at the head's own
-                                rank (comm.up=fp32), or the round's change packed as "delta"
-                                (fp16) or "q" + "scale" (int8), decoded against the server's copy
-                                of the head (lte_fed/uplink.py)
+    "head.<h>"     ArrayRecord  the head's "<linear>.lora_A", "<linear>.lora_B", "<replica>" at its
+                                own rank, flattened and packed in name order as "values"
+                                (comm.up=fp32), or the round's change packed as "delta" (fp16) or
+                                "q" + "scale" (int8), decoded against the server's copy of the
+                                head; the server unpacks with the layout it knows (uplink.py)
     "metrics.<h>"  MetricRecord "head", "partition", "train_loss", "steps", "num-examples", and
                                 the node's per-message costs (lte_fed/costs.py)
 """
@@ -51,6 +54,67 @@ def wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         t = t.detach().cpu()
         out[k] = (t.float() if t.dtype == torch.bfloat16 else t).contiguous()
     return out
+
+
+def pack_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """`tensors` as one flat buffer per dtype ("packed.<dtype>") and the JSON layout
+    ([[name, dtype, shape, offset], ...]) that `unpack_tensors` reads them back with. Formats
+    that pay per tensor (safetensors files, Flower records) then pay once per dtype: saving 8
+    heads of the digits ViT takes 16 ms, not 126."""
+    groups: dict[str, list[torch.Tensor]] = {}
+    layout, offsets = [], {}
+    for name, t in tensors.items():
+        key = str(t.dtype).removeprefix("torch.")
+        layout.append([name, key, list(t.shape), offsets.get(key, 0)])
+        offsets[key] = offsets.get(key, 0) + t.numel()
+        groups.setdefault(key, []).append(t.detach().reshape(-1))
+    return {f"packed.{k}": torch.cat(ts) for k, ts in groups.items()}, json.dumps(layout)
+
+
+def unpack_tensors(packed: dict[str, torch.Tensor], layout: str) -> dict[str, torch.Tensor]:
+    """`pack_tensors`' inverse: each tensor a view into its buffer. A layout that is not one
+    `pack_tensors` writes, or that points outside its buffers, is a ValueError naming the entry."""
+    out = {}
+    entries = json.loads(layout)
+    if not isinstance(entries, list):
+        raise ValueError("the layout is not a list")
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) and isinstance(entry[2], list)
+                and all(type(d) is int and d >= 0 for d in entry[2]) and type(entry[3]) is int):
+            raise ValueError(f"a layout entry is not [name, dtype, shape, offset]: {str(entry)[:100]}")
+        name, key, shape, offset = entry
+        buf = packed.get(f"packed.{key}")
+        if buf is None:
+            raise ValueError(f"{name!r}: no {key!r} buffer")
+        n = math.prod(shape)
+        if offset < 0 or offset + n > buf.numel():
+            raise ValueError(f"{name!r} lies outside its buffer")
+        out[name] = buf.reshape(-1)[offset:offset + n].view(shape)
+    return out
+
+
+PACKED_LAYOUT = "layout"  # a packed record's array holding its layout (JSON, as uint8)
+
+
+def pack_wire(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` made ready for an ArrayRecord (`wire`) and packed: one array per dtype
+    ("packed.<dtype>") plus its layout ("layout", JSON as uint8). Flower frames, hashes and
+    sends every array as its own objects (in 1.41 one request each between the ServerApp and
+    the SuperLink), so a record of dozens of small tensors costs more than its bytes."""
+    packed, layout = pack_tensors(wire(state))
+    return packed | {PACKED_LAYOUT: torch.frombuffer(bytearray(layout.encode()), dtype=torch.uint8)}
+
+
+def unpack_wire(record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`pack_wire`'s inverse (each tensor a view into its buffer); a record that does not hold
+    what its layout says is a ValueError that says so."""
+    if PACKED_LAYOUT not in record:
+        raise ValueError(f"a packed record without its {PACKED_LAYOUT!r} array (got {sorted(record)[:3]})")
+    try:
+        layout = bytes(record[PACKED_LAYOUT].to(torch.uint8).numpy()).decode()
+        return unpack_tensors({k: t for k, t in record.items() if k != PACKED_LAYOUT}, layout)
+    except (ValueError, TypeError) as e:  # a bad layout, JSON or UTF-8 (both ValueErrors)
+        raise ValueError(f"a packed record that does not match its layout ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 class ReplyError(ValueError):

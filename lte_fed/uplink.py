@@ -1,7 +1,7 @@
 """The compressed uplink (`comm.up`): what a worker sends back, and the error feedback that keeps
 compression from losing anything for good.
 
-    fp32  the head's state as it is (A, B, replicas; today's message, no error feedback)
+    fp32  the head's state itself (A, B, replicas; no error feedback)
     fp16  the round's change of that state, in float16
     int8  the round's change, in int8 with one float32 scale per block of BLOCK consecutive
           entries of the flattened tensor (symmetric absmax, round to nearest): 1 + 4/BLOCK
@@ -17,8 +17,11 @@ for the replicas ref is the merged value the worker started from, so the unsent 
 replica's change is carried into the next round's mean. A worker that takes a head over from the
 server's copy (or draws it fresh) starts with e = 0. The residual is saved with the head state.
 
-Wire: every tensor's change, flattened and packed in name order into one array ("delta", fp16)
-or two ("q", int8; "scale", float32, one per block of each tensor). `wire_layout` is what the
+Wire: every tensor (fp32) or its change (fp16, int8), flattened and packed in name order into one
+array ("values", fp32; "delta", fp16) or two ("q", int8; "scale", float32, one per block of each
+tensor). One array per head, not one per tensor: Flower frames, hashes and (in simulation)
+copies every array several times on its way, which for a small model costs more than the
+training. The receiver unpacks with the layout it already knows. `wire_layout` is what the
 reply gate checks.
 """
 
@@ -50,21 +53,23 @@ def _blocks(n: int) -> int:
 def wire_layout(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], fmt: str
                 ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """The names, shapes and dtypes a reply in `fmt` must have, from the head state's layout:
-    fp32 the layout itself; fp16 {"delta": (total,) f16}; int8 {"q": (total,) int8, "scale":
-    (blocks,) f32}, every tensor's change packed in name order (one array, not one per tensor:
-    Flower frames each array, which for a small model costs more than int8 saves)."""
-    if check_uplink(fmt) == "fp32":
-        return dict(layout)
+    fp32 {"values": (total,) f32}; fp16 {"delta": (total,) f16}; int8 {"q": (total,) int8,
+    "scale": (blocks,) f32}, every tensor (or its change) packed in name order."""
     total = sum(math.prod(shape) for shape, _ in layout.values())
+    if check_uplink(fmt) == "fp32":
+        return {"values": ((total,), torch.float32)}
     if fmt == "fp16":
         return {"delta": ((total,), torch.float16)}
     return {"q": ((total,), torch.int8), "scale": ((sum(_blocks(math.prod(s)) for s, _ in layout.values()),), torch.float32)}
 
 
 def encode_tensor(t: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
-    """One float tensor in `fmt`, flattened: {"delta": f16} or {"q": int8 (numel,), "scale":
-    f32 (blocks,)} (symmetric absmax per block of BLOCK entries, round to nearest)."""
+    """One float tensor in `fmt`, flattened: {"values": f32}, {"delta": f16} or {"q": int8
+    (numel,), "scale": f32 (blocks,)} (symmetric absmax per block of BLOCK entries, round to
+    nearest)."""
     flat = t.detach().float().reshape(-1)
+    if fmt == "fp32":
+        return {"values": flat}
     if fmt == "fp16":
         return {"delta": flat.half()}
     n = flat.numel()
@@ -78,6 +83,8 @@ def encode_tensor(t: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
 
 def decode_tensor(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of `encode_tensor`: float32 of `shape`."""
+    if fmt == "fp32":
+        return parts["values"].float().reshape(shape)
     if fmt == "fp16":
         return parts["delta"].float().reshape(shape)
     q, scale = parts["q"], parts["scale"]
@@ -93,8 +100,9 @@ def _unpack(wire: dict[str, torch.Tensor], fmt: str, layout) -> dict[str, dict[s
     out, at, at_s = {}, 0, 0
     for name in _order(layout):
         n = math.prod(layout[name][0])
-        if fmt == "fp16":
-            out[name] = {"delta": wire["delta"][at:at + n]}
+        if fmt in ("fp32", "fp16"):
+            key = "values" if fmt == "fp32" else "delta"
+            out[name] = {key: wire[key][at:at + n]}
         else:
             b = _blocks(n)
             out[name] = {"q": wire["q"][at:at + n], "scale": wire["scale"][at_s:at_s + b]}
@@ -104,9 +112,8 @@ def _unpack(wire: dict[str, torch.Tensor], fmt: str, layout) -> dict[str, dict[s
 
 
 def encode(payload: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """A payload {name: float tensor} as the wire dict of `fmt` (fp32: as it is)."""
-    if check_uplink(fmt) == "fp32":
-        return dict(payload)
+    """A payload {name: float tensor} as the wire dict of `fmt`."""
+    check_uplink(fmt)
     layout = {k: (tuple(t.shape), t.dtype) for k, t in payload.items()}
     return _pack({k: encode_tensor(t, fmt) for k, t in payload.items()}, layout)
 
@@ -114,8 +121,7 @@ def encode(payload: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor
 def decode(wire: dict[str, torch.Tensor], fmt: str, layout: dict[str, tuple[tuple[int, ...], torch.dtype]]
            ) -> dict[str, torch.Tensor]:
     """The float32 payload a wire dict (already checked against `wire_layout`) stands for."""
-    if check_uplink(fmt) == "fp32":
-        return {k: wire[k].float() for k in layout}
+    check_uplink(fmt)
     return {k: decode_tensor(parts, fmt, layout[k][0]) for k, parts in _unpack(wire, fmt, layout).items()}
 
 
@@ -139,10 +145,10 @@ def ef_step(end: dict[str, torch.Tensor], start: dict[str, torch.Tensor], resid:
 
 def reconstruct(ref: dict[str, torch.Tensor], wire: dict[str, torch.Tensor], fmt: str,
                 layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
-    """The head state the server takes from a reply: the reply itself (fp32), else its copy of the
-    head `ref` plus the decoded change."""
+    """The head state the server takes from a reply: the decoded state itself (fp32), else its copy
+    of the head `ref` plus the decoded change."""
     if fmt == "fp32":
-        return {k: wire[k] for k in layout}
+        return decode(wire, fmt, layout)
     change = decode(wire, fmt, layout)
     return {k: ref[k].float() + change[k] for k in layout}
 

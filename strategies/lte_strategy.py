@@ -85,7 +85,7 @@ class LTEStrategy(RoundLoop):
         s = self.spec
         start = (server_round - 1) * s.merge_every
         steps = min(s.merge_every, s.train.steps - start)
-        base, replicas = ArrayRecord(P.wire(self.quantized_base())), ArrayRecord(P.wire(self.replicas))
+        base, replicas = ArrayRecord(P.pack_wire(self.quantized_base())), ArrayRecord(P.pack_wire(self.replicas))
         spec_json = P.spec_to_json(s.to_dict())
         alive = self.free_nodes(grid)  # a busy node's heads go where there is room
         self._fleet()
@@ -119,12 +119,12 @@ class LTEStrategy(RoundLoop):
         sources = [self._source(h, node) for h in heads]
         for h, source in zip(heads, sources):
             if source in ("restore", "local-or-restore"):
-                restore |= prefixed(str(h), P.wire(self.ledger[h].state))
+                restore |= prefixed(str(h), self.ledger[h].state)
             if source == "restore" and rnd > 1:
                 log.warning("round %d: head %d goes to node %d with its state from the server", rnd, h, node)
             self._round.expect(h, node)
         if restore:
-            content[P.RESTORE] = ArrayRecord(restore)
+            content[P.RESTORE] = ArrayRecord(P.pack_wire(restore))
         content[P.CONFIG] = ConfigRecord({
             "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources,
             "committed": [self.ledger[h].committed for h in heads],

@@ -59,3 +59,19 @@ def test_the_run_config_carries_every_spec_key_flower_accepts(tmp_path):
     back = spec_from_run_config(written)
     back.run.client_cpus, back.run.client_gpus = spec.run.client_cpus, spec.run.client_gpus  # --federation-config
     assert back == spec
+
+
+def test_the_launcher_runs_another_app_and_leaves_nothing_behind(tmp_path):
+    """`--app`: the no-op app that measures Flower's own round trip (benchmarks/flower_floor)
+    runs its rounds through the launcher; every process it started is gone afterwards."""
+    import json
+
+    tag, out = uuid.uuid4().hex, tmp_path / "times.json"
+    r = subprocess.run([sys.executable, "-m", "strategies.launcher", "--app", str(ROOT / "benchmarks" / "flower_floor"),
+                        "--nodes", "2", "--run-config", f"nodes=2 rounds=3 arrays=2 values=10 out='{out}'",
+                        "--log", str(tmp_path / "flower.log")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ | {TAG: tag})
+    assert r.returncode == 0, r.stderr + (tmp_path / "flower.log").read_text()[-3000:]
+    times = json.loads(out.read_text())
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert tagged_processes(tag) == []

@@ -15,6 +15,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from lte_fed import protocol as P
+from lte_fed import uplink as U
 from lte_fed.job import setup
 from lte_fed.ledger import RoundMerge, update_norm
 from strategies.lte_strategy import LTEStrategy
@@ -42,9 +43,23 @@ def trained(server, head: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def arrays(state: dict[str, torch.Tensor]) -> ArrayRecord:
+    """A head state as a worker sends it (comm.up=fp32: packed into one array, uplink.py)."""
+    return ArrayRecord(P.wire(U.encode(state, "fp32")))
+
+
 def content(state: dict[str, torch.Tensor], head: int, **metrics) -> RecordDict:
+    return wire_content(U.encode(state, "fp32"), head, **metrics)
+
+
+def wire_content(wire: dict[str, torch.Tensor], head: int, **metrics) -> RecordDict:
+    """A reply carrying exactly the arrays `wire`."""
     m = {"head": head, "train_loss": 1.5} | metrics
-    return RecordDict({P.HEAD: ArrayRecord(P.wire(state)), P.METRICS: MetricRecord(m)})
+    return RecordDict({P.HEAD: ArrayRecord(P.wire(wire)), P.METRICS: MetricRecord(m)})
+
+
+def packed(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    return U.encode(state, "fp32")["values"]
 
 
 def raw_array(t: np.ndarray, **over) -> Array:
@@ -55,7 +70,7 @@ def raw_array(t: np.ndarray, **over) -> Array:
 
 
 def with_array(state, key, array: Array, head: int) -> RecordDict:
-    rec = ArrayRecord(P.wire(state))
+    rec = arrays(state)
     rec[key] = array
     return RecordDict({P.HEAD: rec, P.METRICS: MetricRecord({"head": head, "train_loss": 1.5})})
 
@@ -85,21 +100,25 @@ MALFORMED = {
                                                           P.METRICS: MetricRecord({"head": h, "train_loss": 1.0})})),
     "head is a MetricRecord": _c(lambda s, h: RecordDict({P.HEAD: MetricRecord({"x": 1.0}),
                                                           P.METRICS: MetricRecord({"head": h, "train_loss": 1.0})})),
-    "truncated bytes": _c(lambda s, h: with_array(s, lora_key(s), raw_array(s[lora_key(s)].numpy(), data=b"\x93NUMPY\x01\x00v"), h)),
-    "unknown serialization": _c(lambda s, h: with_array(s, lora_key(s), raw_array(s[lora_key(s)].numpy(), stype="pickle"), h)),
-    "string array": _c(lambda s, h: with_array(s, lora_key(s), raw_array(np.array(["a", "b"])), h)),
-    "float128 array": _c(lambda s, h: with_array(s, lora_key(s), raw_array(s[lora_key(s)].numpy().astype(np.longdouble)), h)),
-    "object-free garbage bytes": _c(lambda s, h: with_array(s, lora_key(s), raw_array(np.zeros(2), data=b"not numpy"), h)),
+    "truncated bytes": _c(lambda s, h: with_array(s, "values", raw_array(packed(s).numpy(), data=b"\x93NUMPY\x01\x00v"), h)),
+    "unknown serialization": _c(lambda s, h: with_array(s, "values", raw_array(packed(s).numpy(), stype="pickle"), h)),
+    "string array": _c(lambda s, h: with_array(s, "values", raw_array(np.array(["a", "b"])), h)),
+    "float128 array": _c(lambda s, h: with_array(s, "values", raw_array(packed(s).numpy().astype(np.longdouble)), h)),
+    "object-free garbage bytes": _c(lambda s, h: with_array(s, "values", raw_array(np.zeros(2), data=b"not numpy"), h)),
     "missing lora_A": _c(lambda s, h: content({k: v for k, v in s.items() if k != lora_key(s, "lora_A")}, h)),
     "missing replica": _c(lambda s, h: content({k: v for k, v in s.items() if k != replica_key(s)}, h)),
     "extra tensor": _c(lambda s, h: content(s | {"evil.weight": torch.zeros(3)}, h)),
-    "empty arrays": _c(lambda s, h: content({}, h)),
-    "B transposed": _c(lambda s, h: content(s | {lora_key(s): s[lora_key(s)].T.contiguous()}, h)),
-    "A with an extra dim": _c(lambda s, h: content(s | {lora_key(s, "lora_A"): s[lora_key(s, "lora_A")][None]}, h)),
-    "scalar replica": _c(lambda s, h: content(s | {replica_key(s): torch.tensor(0.5)}, h)),
-    "B as float64": _c(lambda s, h: content(s | {lora_key(s): s[lora_key(s)].double()}, h)),
-    "A as float16": _c(lambda s, h: content(s | {lora_key(s, "lora_A"): s[lora_key(s, "lora_A")].half()}, h)),
-    "replica as int64": _c(lambda s, h: content(s | {replica_key(s): s[replica_key(s)].long()}, h)),
+    "B at another rank": _c(lambda s, h: content(s | {lora_key(s): torch.cat([s[lora_key(s)]] * 2, 1)}, h)),
+    "empty arrays": _c(lambda s, h: wire_content({}, h)),
+    "unpacked, one array per tensor": _c(lambda s, h: wire_content(s, h)),
+    "packed under another name": _c(lambda s, h: wire_content({"delta": packed(s)}, h)),
+    "an extra array": _c(lambda s, h: wire_content({"values": packed(s), "evil": torch.zeros(3)}, h)),
+    "values one short": _c(lambda s, h: wire_content({"values": packed(s)[:-1]}, h)),
+    "values as a column": _c(lambda s, h: wire_content({"values": packed(s)[:, None]}, h)),
+    "values a scalar": _c(lambda s, h: wire_content({"values": torch.tensor(0.5)}, h)),
+    "values as float64": _c(lambda s, h: wire_content({"values": packed(s).double()}, h)),
+    "values as float16": _c(lambda s, h: wire_content({"values": packed(s).half()}, h)),
+    "values as int64": _c(lambda s, h: wire_content({"values": packed(s).long()}, h)),
     "NaN in B": _c(lambda s, h: content(_scaled(s, lora_key(s), float("nan")), h)),
     "inf in A": _c(lambda s, h: content(_scaled(s, lora_key(s, "lora_A"), float("inf")), h)),
     "-inf in a replica": _c(lambda s, h: content(_scaled(s, replica_key(s), float("-inf")), h)),
@@ -107,11 +126,11 @@ MALFORMED = {
     "1e20 in A and B": _c(lambda s, h: content(_scaled(_scaled(s, lora_key(s), 1e20), lora_key(s, "lora_A"), 1e20), h)),
     "1e30 in a replica": _c(lambda s, h: content(_scaled(s, replica_key(s), 1e30), h)),
     "B 1000x the others'": _c(lambda s, h: content(s | {k: v * 1e3 for k, v in s.items() if k.endswith("lora_B")}, h)),
-    "no metrics": _c(lambda s, h: RecordDict({P.HEAD: ArrayRecord(P.wire(s))})),
-    "metrics is an ArrayRecord": _c(lambda s, h: RecordDict({P.HEAD: ArrayRecord(P.wire(s)),
+    "no metrics": _c(lambda s, h: RecordDict({P.HEAD: arrays(s)})),
+    "metrics is an ArrayRecord": _c(lambda s, h: RecordDict({P.HEAD: arrays(s),
                                                              P.METRICS: ArrayRecord({"x": torch.zeros(1)})})),
-    "no train_loss": _c(lambda s, h: RecordDict({P.HEAD: ArrayRecord(P.wire(s)), P.METRICS: MetricRecord({"head": h})})),
-    "train_loss a string": _c(lambda s, h: RecordDict({P.HEAD: ArrayRecord(P.wire(s)),
+    "no train_loss": _c(lambda s, h: RecordDict({P.HEAD: arrays(s), P.METRICS: MetricRecord({"head": h})})),
+    "train_loss a string": _c(lambda s, h: RecordDict({P.HEAD: arrays(s),
                                                        P.METRICS: ConfigRecord({"head": h, "train_loss": "low"})})),
     "train_loss NaN": _c(lambda s, h: content(s, h, train_loss=float("nan"))),
     "claims another head": _c(lambda s, h: content(s, h + 1)),

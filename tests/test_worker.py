@@ -213,7 +213,39 @@ def test_a_nodes_state_file_is_packed_read_back_exactly_and_a_damaged_layout_is_
     save_file({k: t.contiguous() for k, t in want.items()}, str(store._file(3)))
     assert all(torch.equal(store.load(3)[k], want[k]) for k in want)
     # a layout that points outside its buffer is an error naming the file
-    packed, _ = CA.pack_tensors(want)
+    packed, _ = CA.P.pack_tensors(want)
     save_file(packed, str(store._file(4)), metadata={CA.LAYOUT: '[["x", "float32", [1000], 0]]'})
     with pytest.raises(ValueError, match=r"head-0-r4.*layout"):
         store.load(4)
+
+
+def test_a_packed_record_travels_through_flower_arrays_exactly_and_a_bad_one_says_why():
+    from flwr.app import ArrayRecord
+
+    from lte_fed import protocol as P
+
+    gen = torch.Generator().manual_seed(1)
+    state = {"l.base.weight": torch.randn(6, 4, generator=gen), "l.base.absmax": torch.rand(3, generator=gen),
+             "l.base.packed": torch.randint(0, 255, (12,), generator=gen, dtype=torch.uint8),
+             "norm": torch.randn(4, generator=gen).bfloat16(), "scalar": torch.tensor(2.5), "none": torch.zeros(0, 3)}
+    record = ArrayRecord(P.pack_wire(state))
+    assert len(record) == 3  # float32, uint8 and the layout: bfloat16 travels as float32 (P.wire)
+    got = P.unpack_wire(record.to_torch_state_dict())
+    assert list(got) == list(state)
+    for k, t in state.items():
+        want = t.float() if t.dtype == torch.bfloat16 else t
+        assert got[k].dtype == want.dtype and got[k].shape == want.shape and torch.equal(got[k], want), k
+    assert P.unpack_wire(P.pack_wire({})) == {}
+    packed = P.pack_wire(state)
+    bad_layouts = {
+        "without its 'layout'": {k: t for k, t in packed.items() if k != P.PACKED_LAYOUT},
+        "outside its buffer": packed | {"packed.float32": packed["packed.float32"][:-1]},
+        "no 'uint8' buffer": {k: t for k, t in packed.items() if k != "packed.uint8"},
+        "not a list": packed | {P.PACKED_LAYOUT: torch.tensor(list(b'{"a": 1}'), dtype=torch.uint8)},
+        r"not \[name, dtype, shape, offset\]": packed | {
+            P.PACKED_LAYOUT: torch.tensor(list(b'[["x", "float32", [-2, 3], 0]]'), dtype=torch.uint8)},
+        "does not match": packed | {P.PACKED_LAYOUT: torch.tensor([0xFF, 0xFE], dtype=torch.uint8)},
+    }
+    for why, record in bad_layouts.items():
+        with pytest.raises(ValueError, match=why):
+            P.unpack_wire(record)
