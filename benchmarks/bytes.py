@@ -54,22 +54,21 @@ def lte_messages(spec, plain, img_size: int, tmp: str) -> dict:
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * 1e-3)
     metrics = {"head": 0, "partition": 0, "train_loss": 1.0, "steps": spec.merge_every, "num-examples": 1}
-    reply = Message(RecordDict({P.head_record(0): ArrayRecord(P.wire(head.head_state())),
-                                P.metrics_record(0): MetricRecord(metrics)}), reply_to=msgs[0])
     payload_up = sum(t.numel() * t.element_size() for t in head.head_state().values())
-    # comm.up=fp16/int8: the reply is the round's change (here: from the fresh head), encoded as a
-    # worker encodes it (lte_fed/uplink.py ef_step)
-    from lte_fed import uplink
+    # The reply as the ClientApp builds it for each comm.up (clients/client_app.py
+    # `_uplink_payload`): fp32 the head packed into one array, fp16/int8 the round's change (here:
+    # from the fresh head) with error feedback (lte_fed/uplink.py)
+    from clients.client_app import _uplink_payload
 
     fresh = HeadLTE(plain, lte_config(spec), 0).head_state()
-    up_c = {}
-    for fmt in ("fp16", "int8"):
-        wire, _ = uplink.ef_step(head.head_state(), fresh, {}, fmt)
-        up_c[fmt] = message_bytes(Message(RecordDict({P.head_record(0): ArrayRecord(P.wire(wire)),
-                                                      P.metrics_record(0): MetricRecord(metrics)}), reply_to=msgs[0]))
+    up = {}
+    for fmt in ("fp32", "fp16", "int8"):
+        wire, _ = _uplink_payload(fmt, head.head_state(), fresh, {})
+        up[fmt] = message_bytes(Message(RecordDict({P.head_record(0): ArrayRecord(P.wire(wire)),
+                                                    P.metrics_record(0): MetricRecord(metrics)}), reply_to=msgs[0]))
     base = st.quantized_base()
-    return {"down": message_bytes(msgs[0]), "up": message_bytes(reply), "up_fp16": up_c["fp16"],
-            "up_int8": up_c["int8"], "configure_s": t_cfg.s,
+    return {"down": message_bytes(msgs[0]), "up": up["fp32"], "up_fp16": up["fp16"], "up_int8": up["int8"],
+            "configure_s": t_cfg.s,
             "payload_up": payload_up, "payload_base": sum(t.numel() * t.element_size() for t in base.values()),
             "m_lte_params": sum(t.numel() for t in head.head_state().values()),
             "base_params": sum(w.numel() for w in st.W.values())}
