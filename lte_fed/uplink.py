@@ -147,10 +147,8 @@ def reconstruct(ref: dict[str, torch.Tensor], wire: dict[str, torch.Tensor], fmt
                 layout: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     """The head state the server takes from a reply: the decoded state itself (fp32), else its copy
     of the head `ref` plus the decoded change."""
-    if fmt == "fp32":
-        return decode(wire, fmt, layout)
-    change = decode(wire, fmt, layout)
-    return {k: ref[k].float() + change[k] for k in layout}
+    got = decode(wire, fmt, layout)
+    return got if fmt == "fp32" else {k: ref[k].float() + got[k] for k in layout}
 
 
 def payload_bytes(layout: dict[str, tuple[tuple[int, ...], torch.dtype]], fmt: str) -> int:

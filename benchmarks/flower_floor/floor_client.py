@@ -1,9 +1,7 @@
-"""The floor app's client: sleeps `sleep-s` (a stand-in for training that uses no CPU), then
-replies with `arrays` float32 arrays of `values` values each (the shape of a node's reply)."""
+"""The floor app's client: replies at once with `arrays` float32 arrays of `values` values each
+(the shape of a node's reply)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
@@ -15,6 +13,5 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
-    time.sleep(float(cfg["sleep-s"]))
     arrays = {f"a{i}": Array(np.zeros(int(cfg["values"]), np.float32)) for i in range(int(cfg["arrays"]))}
     return Message(RecordDict({"arrays": ArrayRecord(arrays)}), reply_to=msg)

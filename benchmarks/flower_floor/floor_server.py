@@ -23,7 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     times = []
     for rnd in range(int(cfg["rounds"])):
         t0 = time.perf_counter()
-        ask = ConfigRecord({"arrays": int(cfg["arrays"]), "values": int(cfg["values"]), "sleep-s": float(cfg["sleep-s"])})
+        ask = ConfigRecord({"arrays": int(cfg["arrays"]), "values": int(cfg["values"])})
         msgs = [Message(RecordDict({"config": ask}), dst_node_id=n, message_type=MessageType.TRAIN)
                 for n in sorted(grid.get_node_ids())]
         replies = send_and_receive(grid, msgs, 120)
