@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="lte-fed-memory", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="vit_base", help="a registered model or a vit_* ladder size")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--quant", default="nf4", help="nf4 | fp4 | int8 | none")
+    ap.add_argument("--quant", default="nf4", help="nf4 | fp4 | nf4-dq | fp4-dq | int8 | none")
     ap.add_argument("--variant", default="exact", help="exact | reset")
     ap.add_argument("--heads", type=int, default=4, help="N; a client's memory does not depend on it")
     ap.add_argument("--batch", type=int, default=32, help="per-device batch (samples)")

@@ -124,7 +124,7 @@ def main(a) -> dict:
             out["notes"][key] = {"model": name, "img_size": img, "classes": classes, "rank": spec.lte.rank,
                                  "T": spec.merge_every}
             out["lte"][key] = {}
-            for q in ("nf4", "int8", "none"):
+            for q in ("nf4", "nf4-dq", "int8", "none"):
                 s = Spec.from_dict(base | {"quant": {"base": q}})
                 out["lte"][key][q] = lte_messages(s, plain, img, f"{tmp}/{key}-{q}")
             out["fedavg"][key] = fedavg_messages(spec, plain)

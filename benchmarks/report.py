@@ -78,17 +78,23 @@ def bytes_md(d: dict) -> list[str]:
          "up = the reply a client builds (its head's A, B + replicas + metrics); FedAvg: the plain model's "
          "arrays each way. Bytes are `message_bytes` (every nested object as serialized for transport).", "",
          "LTE up is per `comm.up` (fp16 / int8: the round's change, lte_fed/uplink.py).", "",
-         "| model | rank | LTE nf4 down | LTE int8 down | LTE none down | LTE up fp32 / fp16 / int8 | FedAvg down | FedAvg up "
-         "| LTE nf4 down + fp32 up / FedAvg | nf4 down + int8 up / FedAvg |",
-         "|---|---|---|---|---|---|---|---|---|---|"]
+         "nf4-dq: the NF4 base with its block scales double-quantized (`quant.base=nf4-dq`, lte_fed/quant.py).", "",
+         "| model | rank | LTE nf4 down | LTE nf4-dq down | LTE int8 down | LTE none down | LTE up fp32 / fp16 / int8 "
+         "| FedAvg down | FedAvg up | LTE nf4 down + fp32 up / FedAvg | nf4 down + int8 up / FedAvg "
+         "| nf4-dq down + int8 up / FedAvg |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, q in d["lte"].items():
         fa = d["fedavg"][key]
-        ratio = (q["nf4"]["down"] + q["nf4"]["up"]) / (fa["down"] + fa["up"])
-        ratio8 = (q["nf4"]["down"] + q["nf4"]["up_int8"]) / (fa["down"] + fa["up"])
+        fedavg = fa["down"] + fa["up"]
+        dq = q.get("nf4-dq")  # absent in results from before the format existed
+        dq_down, dq_ratio = (_b(dq["down"]), f"{(dq['down'] + dq['up_int8']) / fedavg:.3f}") if dq else ("-", "-")
         n = d["notes"][key]
-        L.append(f"| {key} ({n['model']}, {n['img_size']} px) | {n['rank']} | {_b(q['nf4']['down'])} | {_b(q['int8']['down'])} | "
+        L.append(f"| {key} ({n['model']}, {n['img_size']} px) | {n['rank']} | {_b(q['nf4']['down'])} | "
+                 f"{dq_down} | {_b(q['int8']['down'])} | "
                  f"{_b(q['none']['down'])} | {_b(q['nf4']['up'])} / {_b(q['nf4']['up_fp16'])} / {_b(q['nf4']['up_int8'])} | "
-                 f"{_b(fa['down'])} | {_b(fa['up'])} | {ratio:.3f} | {ratio8:.3f} |")
+                 f"{_b(fa['down'])} | {_b(fa['up'])} | {(q['nf4']['down'] + q['nf4']['up']) / fedavg:.3f} | "
+                 f"{(q['nf4']['down'] + q['nf4']['up_int8']) / fedavg:.3f} | "
+                 f"{dq_ratio} |")
     L += ["", "Per step over all devices, paper §4.5 (M = fp32 model, M_lte = one head's trainable tensors, "
           "qM = NF4 base; LTE communicates every T steps). The paper writes LTE's all-reduce with M; only the "
           "heads travel, so `lte all-reduce` uses M_lte (the M form is in the JSON):", "",

@@ -17,6 +17,8 @@ larger. Measured peaks of real ClientApp processes confirm it (docs/performance.
 
 Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exactly:
     nf4/fp4: ceil(m·n / 2) packed + 4 · ceil(m·n / 64) absmax (fp32, one per 64-block)
+    nf4-dq/fp4-dq: ceil(m·n / 2) packed + b absmax (uint8, b = ceil(m·n / 64) blocks)
+             + 4 · ceil(b / 256) second-level absmax + 4 (the absmax offset)
     int8:    m·n + 4 · m  (fp32 absmax per row)
     none:    4 · m·n
 The dequant buffer is one fp32 copy of the largest Linear (the forward and the input-gradient
@@ -59,7 +61,7 @@ import torch
 from torch import nn
 
 from .lora import one_head_keeps_fold
-from .quant import BLOCKSIZE_4BIT, check_format
+from .quant import BLOCKSIZE_4BIT, BLOCKSIZE_ABSMAX, check_format, four_bit
 
 if TYPE_CHECKING:
     from .lte import LTEConfig
@@ -147,8 +149,11 @@ def base_bytes(m: int, n: int, fmt: str) -> int:
     """Bytes a worker holds for one frozen (m, n) base weight in format `fmt`."""
     check_format(fmt)
     elems = m * n
-    if fmt in ("nf4", "fp4"):
-        return math.ceil(elems / 2) + FP32 * math.ceil(elems / BLOCKSIZE_4BIT)
+    if four_bit(fmt):
+        blocks = math.ceil(elems / BLOCKSIZE_4BIT)
+        if four_bit(fmt)[1]:
+            return math.ceil(elems / 2) + blocks + FP32 * math.ceil(blocks / BLOCKSIZE_ABSMAX) + FP32
+        return math.ceil(elems / 2) + FP32 * blocks
     if fmt == "int8":
         return elems + FP32 * m
     return FP32 * elems

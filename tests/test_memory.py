@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lte_fed.lte import LTEConfig
 from lte_fed.memory import analyse, base_bytes, estimate_full, estimate_lte, largest_fitting
@@ -47,11 +48,20 @@ def test_nf4_base_is_an_eighth_plus_absmax(vit_base):
     assert nf4 == pytest.approx(4 * elems / 8 * (1 + 1 / 8), rel=1e-3)  # 0.5 B + 4/64 B per elem
 
 
-def test_nf4_matches_real_quantized_tensors():
-    from lte_fed.quant import QuantizedWeight
+@pytest.mark.parametrize("fmt", ["nf4", "nf4-dq", "fp4-dq", "int8", "none"])
+@pytest.mark.parametrize("shape", [(96, 80), (1536, 384), (33, 7)])  # 120 / 9216 / 3.6 blocks
+def test_base_bytes_match_real_quantized_tensors(fmt, shape):
+    from lte_fed.quant import QuantizedWeight, quantize
 
-    q = QuantizedWeight((96, 80), "nf4")
-    assert sum(t.numel() * t.element_size() for t in q.parts().values()) == base_bytes(96, 80, "nf4")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for parts in (QuantizedWeight(shape, fmt).parts(), quantize(w, fmt)):
+        assert sum(t.numel() * t.element_size() for t in parts.values()) == base_bytes(*shape, fmt)
+
+
+def test_double_quantization_saves_three_of_every_four_absmax_bytes():
+    m, n = 3072, 768
+    saved = base_bytes(m, n, "nf4") - base_bytes(m, n, "nf4-dq")
+    assert saved == 3 * (m * n // 64) - 4 * math.ceil(m * n / 64 / 256) - 4
 
 
 def test_peak_is_resident_plus_larger_of_activations_and_grads(vit_base):

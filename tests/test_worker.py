@@ -22,8 +22,9 @@ def spec(**over) -> Spec:
     return Spec.from_dict(d)
 
 
-def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_created(tmp_path):
-    s = spec()
+@pytest.mark.parametrize("base", ["nf4", "nf4-dq"])
+def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_created(tmp_path, base):
+    s = spec(quant={"base": base})
     full = setup(s)
     job, _ = W.node_data(s, 1, tmp_path)
     shapes = W.lora_shapes_of(job)
