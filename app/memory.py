@@ -51,8 +51,9 @@ def table(lte: dict[str, int], full: dict[str, int]) -> str:
     lines = [f"{'':18}{'LTE client':>14}{'full AdamW':>14}"]
     for key, label in ROWS:
         lines.append(f"{label:18}{lte[key] / MiB:11.1f} MiB{full[key] / MiB:11.1f} MiB")
-    lines.append("(total = the rest + max(gradients, activations): backward frees activations as it")
-    lines.append(" makes gradients, so they never coexist in full; see lte_fed/memory.py)")
+    lines.append("(total = base + trainable + the larger of training, AdamW + buffer + max(gradients,")
+    lines.append(" activations), and building, 2 x message: backward frees activations as it makes")
+    lines.append(" gradients, and the message is dropped before training; see lte_fed/memory.py)")
     return "\n".join(lines)
 
 

@@ -158,8 +158,8 @@ def deploy_md(d: dict) -> list[str]:
          f"Floor (`python -c \"import torch, flwr.clientapp\"`, this run, median of {len(d['floor_s'])}): "
          f"**{floor:.2f} s**.", "",
          "| engine | round | round s | train s | overhead s | overhead / floor | start | imports | libs | data | model | reply "
-         "| peak RSS MiB |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+         "| peak RSS MiB | peak before the job's work |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("deployment", "simulation", "fused"):
         for r in d[name]:
             train = r.get("client_train_s")
@@ -168,7 +168,7 @@ def deploy_md(d: dict) -> list[str]:
                                                                "client_data_s", "client_model_s", "client_reply_s")]
             L.append(f"| {name} | {r['round']} | {r['round_s']:.2f} | {'—' if train is None else f'{train:.2f}'} | "
                      f"{'—' if over is None else f'{over:.2f}'} | {'—' if over is None else f'{over / floor:.2f}'} | "
-                     + " | ".join(cells) + f" | {r.get('client_rss_peak_mib', '—')} |")
+                     + " | ".join(cells) + f" | {r.get('client_rss_peak_mib', '—')} | {r.get('client_rss_entry_mib', '—')} |")
     m = d["memory"]
     L += ["", "Peak memory of one ClientApp process (VmHWM in its reply), above the import floor "
           f"(`python -c \"import clients.client_app\"`: {m['floor_mib']:.0f} MiB), next to `lte-fed-memory`:", "",

@@ -70,7 +70,8 @@ def _start_costs() -> tuple[costs.Stopwatch, dict]:
     global _served
     first, _served = _served == 0, _served + 1
     return costs.Stopwatch(), {"start_s": round(costs.process_age_s(), 3) if first else 0.0,
-                               "imports_s": round(IMPORTS_S, 3) if first else 0.0}
+                               "imports_s": round(IMPORTS_S, 3) if first else 0.0,
+                               "rss_entry_mib": round(costs.status_kib("VmHWM") / 1024, 1)}
 
 
 def node_capacity(node_config) -> dict:
@@ -176,6 +177,8 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         cuts = [model.head_cuts(i) for i in range(len(heads))]
         load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
         model.load_replicas(replicas)
+        del replicas, restore
+        _drop_arrays(msg, P.BASE, P.REPLICAS, P.RESTORE)
         # a compressed uplink sends each head's change over the round (fp32 sends the head itself)
         began = [{k: t.clone() for k, t in model.head_state(i).items()} if spec.comm.up != "fp32" else {}
                  for i in range(len(heads))]
@@ -185,8 +188,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                              precision=spec.run.precision)
     train_s = watch.laps.get("train", 0.0)
-    for p in model.head_params():
-        p.grad = None  # a kept model holds no gradients between messages
+    _release_training(model.head_params())  # a kept model holds no gradients between messages
     keep_from = int(config.get("keep_from", 0))
     pid = int(context.node_config.get("partition-id", -1))
     with watch("reply"):
@@ -207,6 +209,24 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     _keep_node_model(spec_json, ranks, job.device, model)
     _slow_down(spec, heads, rnd, train_s)
     return Message(RecordDict(records), reply_to=msg)
+
+
+def _drop_arrays(msg: Message, *keys: str) -> None:
+    """Drop the TRAIN message's arrays once they are in the model: a deployed ClientApp's only
+    other reference to them is Flower's, which keeps the message (its metadata is what the reply
+    needs) until the process ends, so they would sit in memory through training, a second copy
+    of the weights the node holds."""
+    for key in keys:
+        msg.content.pop(key, None)
+
+
+def _release_training(params) -> None:
+    """After the local steps: drop the gradients (nothing reads them again) and give the heap's
+    free pages back (lte_fed/costs.py `trim_heap`), so that packing the reply does not set the
+    process's peak on top of the training's."""
+    for p in params:
+        p.grad = None
+    costs.trim_heap()
 
 
 def _costs(watch: costs.Stopwatch, cost: dict) -> dict:
@@ -394,6 +414,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
         saved = store.load(int(_need(config, "state_round", "train config")))
         if saved is not None:
             load_optimizer_tensors(opt, unprefixed("opt", saved))
+        _drop_arrays(msg, P.WEIGHTS)
     cost["full_weights"] = -1  # FedAvg trains W itself
     start = (rnd - 1) * spec.merge_every
     steps = min(spec.merge_every, spec.train.steps - start)
@@ -401,6 +422,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
     with watch("train"):
         losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                             precision=spec.run.precision)
+    _release_training(model.parameters())
     with watch("reply"):
         store.save({}, optimizer_tensors(opt), rnd, int(config.get("keep_from", 0)))
         reply = P.wire(model.state_dict())

@@ -14,6 +14,8 @@ the slowest and the largest worker are what bound a round and a device.
     train_s    the T local steps
     reply_s    saving the worker's state and packing the reply
     rss_peak_mib   the process's peak resident memory (VmHWM), MiB
+    rss_entry_mib  the same peak as the handler started: what the process reached before the
+                   job's own work (interpreter, imports, Flower pulling and inflating the message)
     cuda_peak_mib  torch.cuda.max_memory_allocated, MiB (0 without CUDA)
     full_weights   full-precision W-shaped (m, n) tensors created while the model was built
                    (lte_fed/worker.FullWeightWatch; -1 where it is not watched)
@@ -27,7 +29,7 @@ import sys
 import time
 
 COST_KEYS = ("start_s", "imports_s", "libs_s", "data_s", "model_s", "train_s", "reply_s", "rss_peak_mib",
-             "cuda_peak_mib", "full_weights")
+             "rss_entry_mib", "cuda_peak_mib", "full_weights")
 TIME_KEYS = COST_KEYS[:7]
 
 
@@ -75,6 +77,19 @@ def pin_mmap_threshold(nbytes: int) -> bool:
     libc = _glibc()
     M_MMAP_THRESHOLD = -3  # malloc.h
     return libc is not None and bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the system (glibc `malloc_trim`); False where the C
+    library is not glibc. A worker calls it between training and its reply: the step's
+    activations leave the heap full of freed small blocks, while the reply's packed arrays
+    (larger than the mmap threshold) are mapped afresh, on top of them, and set the process's
+    peak (measured on a ViT-B NF4 head: +80-100 MiB over the training peak)."""
+    libc = _glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
 
 
 @functools.lru_cache(maxsize=1)
@@ -133,4 +148,5 @@ def costs_line(rnd: int, head, m: dict) -> str:
     heads = list(head) if isinstance(head, (list, tuple)) else [head]
     who = f"head {heads[0]}" if len(heads) == 1 else f"heads {','.join(map(str, heads))}"
     return (f"round {rnd}: {who} cost {t} s; peak RSS {float(m.get('rss_peak_mib', 0)):.0f} MiB"
+            + (f" ({float(m['rss_entry_mib']):.0f} before the job's work)" if "rss_entry_mib" in m else "")
             + (f", CUDA {float(m['cuda_peak_mib']):.0f} MiB" if m.get("cuda_peak_mib") else ""))

@@ -231,30 +231,29 @@ class _LTELinear(torch.autograd.Function):
         ctx.dtypes = (xs.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype)
         with torch.autocast(dev, enabled=False):
             xs = xs.to(dt)
-            r = A.shape[1]
-            Af, Bf = A.to(dt), B.to(dt) * scale
-            if VA is not None:
-                Af = torch.cat([Af, VA.to(dt)], 1)
-                Bf = torch.cat([Bf, VB.to(dt) * -scale], 2)
+            Af, Bf = _lora_factors(A, B, VA, VB, scale, dt)
             h = torch.bmm(xs, Af.transpose(1, 2))  # (N, L, R)
             if bias is None:
                 y = torch.bmm(h, Bf.transpose(1, 2))
             else:
                 y = torch.baddbmm(bias.to(dt)[:, None, :], h, Bf.transpose(1, 2))
             _base_matmul(y, xs, base().to(dt))
-        ctx.save_for_backward(xs, h, Af, Bf)
-        ctx.base, ctx.r, ctx.scale = base, r, scale
+        # The factors themselves are saved, not Af and Bf: those are copies as large as the head
+        # (with V, all of A, B, V_A, V_B), and rebuilding them in the backward is cheap.
+        ctx.save_for_backward(xs, h, A, B, VA, VB)
+        ctx.base, ctx.r, ctx.scale = base, A.shape[1], scale
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        xs, h, Af, Bf = ctx.saved_tensors
+        xs, h, A, B, VA, VB = ctx.saved_tensors
         need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
         x_dt, A_dt, B_dt, bias_dt = ctx.dtypes
         r = ctx.r
         gx = gA = gB = gbias = None
         with torch.autocast(xs.device.type, enabled=False):
+            Af, Bf = _lora_factors(A, B, VA, VB, ctx.scale, xs.dtype)
             g = g.to(xs.dtype).contiguous()
             if need_x or need_A:
                 gh = torch.bmm(g, Bf)  # (N, L, R): s·B_nᵀ g [, -s·V_Bnᵀ g]
@@ -269,6 +268,16 @@ class _LTELinear(torch.autograd.Function):
             if need_bias:
                 gbias = g.sum(1).to(bias_dt)
         return gx, gA, gB, gbias, None, None, None, None
+
+
+def _lora_factors(A, B, VA, VB, scale, dt) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_LTELinear`'s factors in dtype dt: Af = [A; V_A] (N, R, n) and Bf = [s·B, -s·V_B]
+    (N, m, R), R = 2r; without V, A (N, r, n) and s·B (N, m, r)."""
+    Af, Bf = A.to(dt), B.to(dt) * scale
+    if VA is not None:
+        Af = torch.cat([Af, VA.to(dt)], 1)
+        Bf = torch.cat([Bf, VB.to(dt) * -scale], 2)
+    return Af, Bf
 
 
 def _base_matmul(y, xs, w):

@@ -6,7 +6,8 @@ every term is in bytes and explicit, with gradients and activations added, becau
 device those are what decides whether a job fits:
 
     LTE client  = base q(W) + head (A, B [+ V_A, V_B for `exact`] + replicas)
-                + AdamW (2 × trainable) + dequant buffer + message + max(activations, grads)
+                + max(AdamW (2 × trainable) + dequant buffer + max(activations, grads),
+                      2 × message)
     full AdamW  = weights (fp32) + AdamW (2 × P) + max(activations, grads (1 × P))
 
 Why max(activations, grads) and not their sum: backward frees each layer's saved activations
@@ -28,10 +29,11 @@ too: a client folds W - s·V into such a transient when that is the cheaper matm
 `LTEConfig.fold_max_bytes`, keeps W - s·V for every Linear (`lora.one_head_keeps_fold`): then
 the buffer is 4·Σ m·n, the fp32 base once more.
 
-The message: a federated worker gets q(W) and the merged replicas in the server's message,
-and Flower holds that message (its serialized arrays, base bytes + 4 · replica elements) for as
-long as the handler runs, next to the worker's own copy in its model. A full-training device
-has no message.
+The message: a federated worker gets q(W) and the merged replicas in the server's message
+(base bytes + 4 · replica elements). While the model is built, Flower's arrays and the tensors
+unpacked from them (a copy) sit next to the model they fill; then the ClientApp drops both
+(clients/client_app.py `_drop_arrays`), so training never holds them. The peak is the larger
+of that build and training. A full-training device has no message.
 
 What is not here: the process's code and libraries (interpreter, torch, Flower, the model's
 library: timm imports torchvision, ~190 MiB resident on CPU; bitsandbytes ~60 MiB). They cost
@@ -167,10 +169,13 @@ def activation_bytes(shape: ModelShape, batch: int, lora_rank: int = 0, lora_sav
 
 
 def _peak(terms: dict[str, int]) -> int:
-    """Peak bytes: everything resident plus the larger of activations and gradients (they
-    do not coexist; module docstring)."""
-    resident = terms["base"] + terms["trainable"] + terms["optimizer"] + terms["workspace"] + terms.get("message", 0)
-    return resident + max(terms["activations"], terms["grads"])
+    """Peak bytes (module docstring): the model plus the larger of its build (the message twice:
+    Flower's arrays and the tensors unpacked from them) and its training (AdamW state, the
+    dequant buffer, and the larger of activations and gradients, which do not coexist)."""
+    model = terms["base"] + terms["trainable"]
+    build = 2 * terms["message"]
+    train = terms["optimizer"] + terms["workspace"] + max(terms["activations"], terms["grads"])
+    return model + max(build, train)
 
 
 def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, int]:

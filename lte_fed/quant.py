@@ -100,21 +100,22 @@ def dequantize(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, int])
         return _bnb().int8_vectorwise_dequant(parts["packed"], parts["absmax"]).float()
     bnbf = _bnb()
     kind, double = four_bit(fmt)
-    device = parts["packed"].device
-    nested = {}
-    if double:
-        nested = {"offset": parts["offset"], "state2": bnbf.QuantState(
-            absmax=parts["absmax2"], code=_absmax_code(device), blocksize=BLOCKSIZE_ABSMAX, dtype=torch.float32)}
     state = bnbf.QuantState(
-        absmax=parts["absmax"],
+        absmax=dequantize_absmax(parts) if double else parts["absmax"],
         shape=torch.Size(shape),
-        code=bnbf.get_4bit_type(kind, device=device),
+        code=bnbf.get_4bit_type(kind, device=parts["packed"].device),
         blocksize=BLOCKSIZE_4BIT,
         quant_type=kind,
         dtype=torch.float32,
-        **nested,
     )
     return bnbf.dequantize_4bit(parts["packed"], state).float()
+
+
+def dequantize_absmax(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A double-quantized 4-bit weight's per-block absmax as float32 (b,)."""
+    state2 = _bnb().QuantState(absmax=parts["absmax2"], code=_absmax_code(parts["absmax"].device),
+                               blocksize=BLOCKSIZE_ABSMAX, dtype=torch.float32)
+    return _bnb().dequantize_blockwise(parts["absmax"], state2) + parts["offset"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,11 +147,7 @@ def error_bound(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     absmax = blocks.abs().amax(dim=1)
     bound = absmax * half_gap * 1.001
     if double:
-        parts = quantize(w, fmt)
-        state2 = _bnb().QuantState(absmax=parts["absmax2"], code=_absmax_code(w.device),
-                                   blocksize=BLOCKSIZE_ABSMAX, dtype=torch.float32)
-        rounded = _bnb().dequantize_blockwise(parts["absmax"], state2) + parts["offset"]
-        bound = bound + (rounded - absmax).abs() * 1.001
+        bound = bound + (dequantize_absmax(quantize(w, fmt)) - absmax).abs() * 1.001
     per_entry = bound[:, None].expand_as(blocks).flatten()[: flat.numel()]
     return (per_entry + 1e-6).view_as(w)
 

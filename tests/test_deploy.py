@@ -174,6 +174,7 @@ def test_lte_runs_through_a_tls_authenticated_deployment(deployment, clean_run):
         for key in ("start", "imports", "libs", "data", "model", "train", "reply"):
             assert r[f"client_{key}_s"] > 0, (key, r)
         assert r["client_rss_peak_mib"] > 100 and r["client_full_weights"] == 0, r
+        assert 100 < r["client_rss_entry_mib"] <= r["client_rss_peak_mib"], r  # the peak before the job's work
         assert r["client_start_s"] > r["client_imports_s"] and r["client_overhead_s"] > 0, r
     # each node prepared its shard once and read it back from its state dir in round 2
     for i in range(NODES):

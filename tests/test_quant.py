@@ -86,5 +86,8 @@ def test_double_quantization_keeps_the_codes_and_moves_only_the_block_scales():
     q = quant.QuantizedWeight.from_weight(w, "nf4-dq")
     assert {k: (v.shape, v.dtype) for k, v in q.parts().items()} == {k: (v.shape, v.dtype) for k, v in dq.items()}
     torch.testing.assert_close(q.dequantize(), b, rtol=0, atol=0)
+    bnbf = quant._bnb()  # what bitsandbytes' own nested state dequantizes to, exactly
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    assert torch.equal(bnbf.dequantize_4bit(packed, state), b)
     with pytest.raises(ValueError, match="'absmax'.*float32"):
         q.set_parts({**dq, "absmax": plain["absmax"]})  # a plain nf4 record sent to a -dq worker

@@ -179,6 +179,8 @@ def _client_rounds(tmp_path, keep: bool, rounds: int = 3) -> dict[str, torch.Ten
                 CA._KEPT.clear()
             built += not CA._KEPT
             reply = CA.train(msg, contexts[msg.metadata.dst_node_id])
+            # the handler let go of the message's arrays once they were in its model
+            assert CA.P.BASE not in msg.content and CA.P.REPLICAS not in msg.content and CA.P.CONFIG in msg.content
             reply.metadata.__dict__["_message_id"] = f"up-{rnd}-{i}"
             replies.append(reply)
         _, metrics = strategy.aggregate_train(rnd, replies)
