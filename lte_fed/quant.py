@@ -131,7 +131,8 @@ def error_bound(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     4-bit formats round each entry to the nearest of 16 codes scaled by its block's absmax, so
     the error is at most half the widest gap between neighbouring codes times that absmax; a
     double-quantized block is then scaled by its rounded absmax instead, which adds at most
-    |rounded - true absmax| (every code is within [-1, 1]); int8 rounds to 1/127 of the row's absmax, so at most half of that step.
+    |rounded - true absmax| (every code is within [-1, 1]); int8 rounds to 1/127 of the row's
+    absmax, so at most half of that step.
     """
     w = weight.detach().float()
     if fmt == "none":
