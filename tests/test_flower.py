@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(600)
 # With a 4-bit base, one merge is compared: the next q(W) re-quantizes W, and a float-rounding
 # difference between the engines' W (1e-7) can move an entry across a code boundary, i.e. by a
 # whole 4-bit step. Over several merges the engines are compared with the base in fp32.
-@pytest.mark.parametrize("base, steps", [("none", 6), ("nf4", 3)])
+@pytest.mark.parametrize("base, steps", [("none", 6), ("nf4", 3), ("nf4-dq", 3)])
 def test_flower_and_fused_end_with_the_same_weights(tmp_path, monkeypatch, base, steps):
     spec = quick_spec("lte", "flower", quant={"base": base}, train={"steps": steps})
     monkeypatch.setenv(TAG, tag := uuid.uuid4().hex)
