@@ -147,8 +147,8 @@ def main(a) -> dict:
         sim = cli_run(lte_cfg | {"run.out": str(tmp / "sim")}, "flower", nodes)
         fused = cli_run(lte_cfg | {"run.out": str(tmp / "fused")}, "fused", nodes)
     keep = ("round", "round_s", "train_loss", "client_start_s", "client_imports_s", "client_libs_s", "client_data_s",
-            "client_model_s", "client_train_s", "client_reply_s", "client_overhead_s", "client_rss_peak_mib", "client_rss_entry_mib",
-            "client_cuda_peak_mib", "client_full_weights")
+            "client_model_s", "client_train_s", "client_reply_s", "client_overhead_s", "client_rss_peak_mib",
+            "client_rss_entry_mib", "client_cuda_peak_mib", "client_full_weights")
     trim = lambda rows: [{k: r[k] for k in keep if k in r} for r in rows]  # noqa: E731
     est = estimates(lte_cfg)
     lte_peak = max(r["client_rss_peak_mib"] for r in dep["lte"])

@@ -151,11 +151,10 @@ def base_bytes(m: int, n: int, fmt: str) -> int:
     """Bytes a worker holds for one frozen (m, n) base weight in format `fmt`."""
     check_format(fmt)
     elems = m * n
-    if four_bit(fmt):
+    if kind := four_bit(fmt):
         blocks = math.ceil(elems / BLOCKSIZE_4BIT)
-        if four_bit(fmt)[1]:
-            return math.ceil(elems / 2) + blocks + FP32 * math.ceil(blocks / BLOCKSIZE_ABSMAX) + FP32
-        return math.ceil(elems / 2) + FP32 * blocks
+        scales = blocks + FP32 * math.ceil(blocks / BLOCKSIZE_ABSMAX) + FP32 if kind[1] else FP32 * blocks
+        return math.ceil(elems / 2) + scales
     if fmt == "int8":
         return elems + FP32 * m
     return FP32 * elems
