@@ -87,6 +87,14 @@ def rounds_of(out: Path) -> list[dict]:
     return rows
 
 
+def idle_rss_mib(out: Path) -> float:
+    """The largest peak, over a deployed run's nodes, of the ClientApp process that answered the
+    server's QUERY (summary.json `nodes`): a process with no job, Flower's per-message runtime
+    plus the app's imports."""
+    nodes = json.loads((out / "summary.json").read_text()).get("nodes") or []
+    return max((float(n["idle_rss_mib"]) for n in nodes), default=0.0)
+
+
 def deployed(tmp: Path, nodes: int, jobs: dict[str, dict]) -> dict[str, list[dict]]:
     """Run each job through one fresh loopback deployment; its rows per job name."""
     from deploy.loopback import Deployment, make_credentials
@@ -144,6 +152,7 @@ def main(a) -> dict:
         fedavg_cfg = job_config(tmp / "fedavg", method="fedavg", nodes=nodes, rounds=1, quick=a.quick) | {
             "run.out": str(tmp / "fedavg")}
         dep = deployed(tmp, nodes, {"lte": lte_cfg, "fedavg": fedavg_cfg})
+        idle = idle_rss_mib(Path(lte_cfg["run.out"]))
         sim = cli_run(lte_cfg | {"run.out": str(tmp / "sim")}, "flower", nodes)
         fused = cli_run(lte_cfg | {"run.out": str(tmp / "fused")}, "fused", nodes)
     keep = ("round", "round_s", "train_loss", "client_start_s", "client_imports_s", "client_libs_s", "client_data_s",
@@ -155,6 +164,7 @@ def main(a) -> dict:
     full_peak = max(r["client_rss_peak_mib"] for r in dep["fedavg"])
     warm = [r for r in dep["lte"] if r["round"] > 1]
     overhead = [r["round_s"] - r["client_train_s"] for r in warm]
+    runtime = idle - app_rss  # Flower's own state in a message's process, outside both floors
     return {
         "job": {k: v for k, v in lte_cfg.items() if k != "run.out"}, "nodes": nodes,
         "floor_s": floor, "floor_median_s": statistics.median(floor), "floor_rss_mib": floor_rss,
@@ -167,7 +177,10 @@ def main(a) -> dict:
                    "lte_above_floor_mib": lte_peak - floor_rss, "fedavg_above_floor_mib": full_peak - floor_rss,
                    **est,
                    "lte_vs_estimate": (lte_peak - floor_rss) / est["lte_mib"],
-                   "lte_vs_fedavg": (lte_peak - floor_rss) / (full_peak - floor_rss)},
+                   "lte_vs_fedavg": (lte_peak - floor_rss) / (full_peak - floor_rss),
+                   "idle_process_mib": idle, "flower_runtime_mib": runtime,
+                   "lte_job_mib": lte_peak - floor_rss - runtime,
+                   "lte_job_vs_estimate": (lte_peak - floor_rss - runtime) / est["lte_mib"]},
     }
 
 

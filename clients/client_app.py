@@ -100,8 +100,11 @@ def node_number(node_config, key: str, kind: type = int, default: float = 0, mos
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this node's partition and capacity (`node_capacity`)."""
-    return Message(RecordDict({P.CONFIG: ConfigRecord(node_capacity(context.node_config))}), reply_to=msg)
+    """Tell the server this node's partition and capacity (`node_capacity`), and this process's
+    peak memory: deployed, a ClientApp process with no job (Flower's runtime and this app's
+    imports), the floor every training message's process starts from."""
+    idle = {"rss_peak_mib": costs.peak_memory()["rss_peak_mib"]}
+    return Message(RecordDict({P.CONFIG: ConfigRecord(node_capacity(context.node_config) | idle)}), reply_to=msg)
 
 
 def use_threads(node_config) -> int:
@@ -188,7 +191,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                              precision=spec.run.precision)
     train_s = watch.laps.get("train", 0.0)
-    _release_training(model.head_params())  # a kept model holds no gradients between messages
+    costs.trim_heap()  # the reply's packed arrays are mapped afresh: not on top of the step's freed heap
     keep_from = int(config.get("keep_from", 0))
     pid = int(context.node_config.get("partition-id", -1))
     with watch("reply"):
@@ -220,13 +223,6 @@ def _drop_arrays(msg: Message, *keys: str) -> None:
         msg.content.pop(key, None)
 
 
-def _release_training(params) -> None:
-    """After the local steps: drop the gradients (nothing reads them again) and give the heap's
-    free pages back (lte_fed/costs.py `trim_heap`), so that packing the reply does not set the
-    process's peak on top of the training's."""
-    for p in params:
-        p.grad = None
-    costs.trim_heap()
 
 
 def _costs(watch: costs.Stopwatch, cost: dict) -> dict:
@@ -422,7 +418,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
     with watch("train"):
         losses = train_head(model, opt, src, worker, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                             precision=spec.run.precision)
-    _release_training(model.parameters())
+    costs.trim_heap()
     with watch("reply"):
         store.save({}, optimizer_tensors(opt), rnd, int(config.get("keep_from", 0)))
         reply = P.wire(model.state_dict())

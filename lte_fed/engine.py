@@ -27,8 +27,8 @@ from .uplink import FusedUplink
 from .uplink import payload_bytes as uplink_bytes
 from .rundir import RunDir, open_resume
 from .spec import Spec, SpecError
-from .train import (autocast, clip_per_head, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
-                    optimizer_tensors, prefixed, token_loss, unprefixed)
+from .train import (autocast, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
+                    optimizer_step, optimizer_tensors, prefixed, token_loss, unprefixed)
 
 
 
@@ -109,13 +109,8 @@ class FusedRun:
         # the gradient a lone worker would. mhlora: every head sees the whole batch, so the sum
         # is N times the loss (the scaling under which LTE with T=1 follows it exactly).
         loss = per_head.sum() * (s.heads if s.method == "mhlora" else 1)
-        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if s.method == "full":
-            clip_per_head(self.params, s.train.clip, heads=1)
-        else:
-            clip_per_head(self.params, s.train.clip, heads=self.model.n_heads)
-        self.opt.step()
+        optimizer_step(self.opt, self.params, s.train.clip, heads=1 if s.method == "full" else self.model.n_heads)
         self.step += 1
         return per_head.mean().item()
 

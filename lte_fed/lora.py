@@ -487,10 +487,14 @@ class StackedLoRALinear(nn.Module):
         """Per-head bases W_q - s·V_n, (N, m, n), kept until W, q(W) or V change (at merges).
         Costs N·m·n floats, and makes the exact variant's step cost the reset variant's: V is
         never applied to the tokens. A worker that dequantizes per use (`cache_base = False`
-        with a quantized base) folds per use too: it holds q(W) and its heads, and the fp32
-        folds (8× an NF4 q(W) per head) only while one layer's matmul runs. Same values."""
+        with a quantized base) folds per use too, where that pays (`_fold_pays`): it holds q(W)
+        and its heads, and the fp32 folds (8× an NF4 q(W) per head; one head folds into its
+        fresh dequantization) only while one layer's matmul runs. Same values."""
         def make():
             w = self.weight if self.base is None else self.base.dequantize()
+            if self.base is not None and not self.cache_base and self.heads == 1:
+                # a fresh dequantization is a transient this layer owns: fold into it
+                return fold_correction(w, self.corr_B[0], self.corr_A[0], self.s, out=w).unsqueeze(0)
             return fold_correction(w, self.corr_B, self.corr_A, self.s)
 
         if self.base is not None and not self.cache_base:
@@ -498,6 +502,14 @@ class StackedLoRALinear(nn.Module):
         key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
                          self.corr_A, self.corr_B, self.head_scales), self.scale)
         return _cached(self, "_fold_cache", key, make)
+
+    def _fold_pays(self, tokens: int) -> bool:
+        """Whether to fold V into the base for this forward: always when the folds are kept (they
+        cost nothing per step); when they are made per use (a node's q(W), dequantized per use),
+        only where the fold is the cheaper matmul (`fold_is_cheaper`, as a worker's LoRALinear
+        decides), else V goes to the tokens in the rank-2r product, with no second (m, n)."""
+        per_use = self.base is not None and not self.cache_base
+        return not per_use or fold_is_cheaper(tokens, self.out_features, self.in_features)
 
     @property
     def s(self) -> "float | torch.Tensor":
@@ -522,7 +534,7 @@ class StackedLoRALinear(nn.Module):
         if self.impl == "plain":
             y = lte_linear_plain(xs, self._base_weight(), self.lora_A, self.lora_B, self.bias, self.corr_A,
                                  self.corr_B, s)
-        elif self.corr_A is not None and self.fold:
+        elif self.corr_A is not None and self.fold and self._fold_pays(xs.shape[1]):
             y = lte_linear(xs, self._folded, self.lora_A, self.lora_B, self.bias, None, None, s)
         else:
             y = lte_linear(xs, self._base_weight, self.lora_A, self.lora_B, self.bias, self.corr_A, self.corr_B, s)

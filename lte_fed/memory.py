@@ -11,8 +11,8 @@ device those are what decides whether a job fits:
     full AdamW  = weights (fp32) + AdamW (2 × P) + max(activations, grads (1 × P))
 
 Why max(activations, grads) and not their sum: backward frees each layer's saved activations
-as it produces that layer's gradients, and `zero_grad(set_to_none=True)` (the default) drops
-the gradients before the next forward, so the two never coexist in full. The peak is at the
+as it produces that layer's gradients, and every training loop drops the gradients as soon as
+the optimizer has stepped (`train.optimizer_step`), so the two never coexist in full. The peak is at the
 start of backward (all activations) or at the optimizer step (all gradients), whichever is
 larger. Measured peaks of real ClientApp processes confirm it (docs/performance.md §4).
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .lte import StackedLTE
-from .train import autocast, clip_per_head, token_loss
+from .train import autocast, optimizer_step, token_loss
 
 
 def train_heads(model: StackedLTE, opt: torch.optim.Optimizer, source, start_step: int, steps: int, *,
@@ -41,10 +41,8 @@ def train_heads(model: StackedLTE, opt: torch.optim.Optimizer, source, start_ste
         with autocast(device, precision):
             logits = model(x).float()
         per_head = token_loss(logits, y).view(k, -1).mean(1)
-        opt.zero_grad(set_to_none=True)
         per_head.sum().backward()
-        clip_per_head(params, clip, heads=k)
-        opt.step()
+        optimizer_step(opt, params, clip, heads=k)
         losses.append(per_head.detach().tolist())
     return losses
 

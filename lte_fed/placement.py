@@ -31,6 +31,7 @@ class NodeInfo:
     heads: int = 0  # declared capacity in heads (0: undeclared)
     rank: int = 0  # declared LoRA rank (0: the run's lte.rank)
     memory_gb: float = 0.0  # declared memory budget (0: none)
+    idle_rss_mib: float = 0.0  # peak memory of the process that answered (deployed: no job yet)
 
 
 def capacities(nodes: list[NodeInfo], heads: int, declared: dict[int, int] | None = None) -> dict[int, int]:

@@ -70,6 +70,19 @@ def clip_per_head(params: list[torch.Tensor], max_norm: float, heads: int) -> to
     return norms
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], clip: float, heads: int) -> None:
+    """Clip each head's gradient (`clip_per_head`), step, and drop the gradients at once.
+
+    Dropping them here, not before the next backward, is what keeps gradients and activations
+    from coexisting: the next forward's saved activations would otherwise pile up on top of a
+    whole set of gradients (one copy of the trainable parameters; for full training, of the
+    model). The memory estimate (lte_fed/memory.py) counts the larger of the two, not their sum.
+    """
+    clip_per_head(params, clip, heads=heads)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 @dataclass
 class BatchSource:
     """Where head n's batches come from: its shard of the training set and the seed."""
@@ -105,10 +118,8 @@ def train_head(model: nn.Module, opt: torch.optim.Optimizer, source: BatchSource
         x, y = source.batch(head, step, device)
         with autocast(device, precision):
             loss = token_loss(model(x).float(), y).mean()
-        opt.zero_grad(set_to_none=True)
         loss.backward()
-        clip_per_head(params, clip, heads=1)
-        opt.step()
+        optimizer_step(opt, params, clip, heads=1)
         losses.append(loss.item())
     return losses
 

@@ -151,8 +151,11 @@ class PartitionMap:
                 continue
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
             c = reply.content["config"]
-            self.add(NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
-                              float(c.get("memory-gb", 0.0))))
+            self.add(info := NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
+                                      float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0))))
+            log.info("node of partition %d: declares heads %d, rank %d, memory %g GB; the process that "
+                     "answered peaked at %.0f MiB", info.partition, info.heads, info.rank, info.memory_gb,
+                     info.idle_rss_mib)
 
     def add(self, info: NodeInfo) -> None:
         """Record a node's answer (`discover` does this for every new node)."""

@@ -112,6 +112,10 @@ class RoundLoop(Strategy):
         # LTE: which node (partition-id) trained which heads at which rank in the last round
         # (every round's is in its metrics row)
         extra = {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}
+        # what every node that answered declared, and the peak memory of the process that answered
+        nodes = sorted(self.partitions.info.values(), key=lambda i: i.partition)
+        extra["nodes"] = [{"partition": i.partition, "heads": i.heads, "rank": i.rank, "memory_gb": i.memory_gb,
+                           "idle_rss_mib": i.idle_rss_mib} for i in nodes]
         summary = build_summary(s, rows, self.job, run_id=self.run_id, **extra)
         self.dir.write_summary(summary)
         return summary

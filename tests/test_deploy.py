@@ -254,7 +254,13 @@ def test_nodes_of_different_heads_and_rank_share_the_heads(deployment, tmp_path)
         want = [{"node": 0, "heads": [0, 1], "ranks": [4, 4]}, {"node": 1, "heads": [2], "ranks": [2]},
                 {"node": 2, "heads": [3], "ranks": [8]}]
         assert all(r["placement"] == want for r in rows), [r["placement"] for r in rows]
-        assert json.loads((out / "summary.json").read_text())["placement"] == want
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["placement"] == want
+        # what each node declared, and the peak of the process that answered: a ClientApp with no
+        # job, below the peak of any process that trained
+        nodes = summary["nodes"]
+        assert [(n["partition"], n["heads"], n["rank"]) for n in nodes] == [(0, 2, 0), (1, 1, 2), (2, 1, 8)]
+        assert all(0 < n["idle_rss_mib"] < min(r["client_rss_peak_mib"] for r in rows) for n in nodes), nodes
         state = RunDir(out).load_model()
         assert all(torch.isfinite(t).all() for t in state.values())
         build_model("vit_digits", num_classes=10, img_size=8, in_chans=3).load_state_dict(state, strict=True)

@@ -75,6 +75,23 @@ def test_stacked_fast_equals_plain(variant, quant, dtype, fold):
     _assert_same(_run(layer, x, gout, "fast"), _run(layer, x, gout, "plain"), dtype)
 
 
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("tokens", [3, 40])  # V applied as a rank-2r product / folded per use
+def test_stacked_per_use_base_folds_only_where_it_pays_and_equals_plain(heads, tokens):
+    """A node's stacked heads dequantize q(W) per use (cache_base off): V is folded into each use
+    only where that is the cheaper matmul (one head: into the fresh dequantization), otherwise it
+    goes to the tokens; either way the numbers are the reference's."""
+    g, m, n = torch_generator(34), 12, 20
+    layer = StackedLoRALinear(_linear(n, m, g), heads, RANK, ALPHA, variant="exact", quant="nf4",
+                              generators=[torch_generator(35, h) for h in range(heads)])
+    layer.cache_base = False
+    _mid_training(layer, g)
+    assert layer._fold_pays(tokens) == fold_is_cheaper(tokens, m, n) == (tokens == 40)
+    x = torch.randn(heads * tokens, n, generator=g)
+    gout = torch.randn(heads * tokens, m, generator=g)
+    _assert_same(_run(layer, x, gout, "fast"), _run(layer, x, gout, "plain"), torch.float32)
+
+
 @pytest.mark.parametrize("variant", ["exact", "reset"])
 @pytest.mark.parametrize("quant,dtype", CASES)
 @pytest.mark.parametrize("tokens", [3, 40])  # V applied as a rank-2r product / folded into the base

@@ -16,7 +16,7 @@ from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, StackedLTE
 from lte_fed.node import head_optimizer_state, load_head_optimizer_states, train_heads
 from lte_fed.placement import NodeInfo, assign, by_node, capacities
-from lte_fed.train import lr_at, make_optimizer
+from lte_fed.train import lr_at, make_optimizer, train_head
 
 from .helpers import quick_spec
 
@@ -137,6 +137,30 @@ def test_any_placement_of_heads_on_nodes_merges_to_the_fused_engines_weights(tmp
 def test_heads_of_other_ranks_are_scaled_by_the_square_root_rule():
     assert head_scale(32.0, 4, 4) == 8.0 and head_scale(32.0, 16, 4, "linear") == 2.0
     assert head_scale(32.0, 16, 4) == 4.0 and head_scale(32.0, 1, 4) == 16.0
+
+
+@pytest.mark.parametrize("method", ["lte", "full"])
+def test_every_training_loop_drops_the_gradients_once_the_optimizer_has_stepped(tmp_path, method):
+    """Gradients must not outlive their step: the next forward's activations would pile up on
+    top of them (for full training, a whole second copy of the model), which the memory
+    estimate does not count (lte_fed/memory.py)."""
+    spec = quick_spec(method, lte={"heads": 2}, train={"batch_size": 8})
+    job = setup(spec)
+    src = batch_source(job)
+    run = FusedRun(spec, tmp_path / "fused")
+    run.train_step()
+    assert all(p.grad is None for p in run.params) and run.opt.state  # it did step
+    if method == "full":
+        return
+    model = StackedLTE(job.plain, lte_config(spec), [0, 1])
+    opt = make_optimizer(model.head_params(), 1e-3, 0.0)
+    train_heads(model, opt, src, 0, 2, lr=lambda s: 1e-3, clip=1.0, device=job.device)
+    assert all(p.grad is None for p in model.head_params()) and opt.state
+    head = HeadLTE(job.plain, lte_config(spec), 0)
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = make_optimizer(params, 1e-3, 0.0)
+    train_head(head, opt, src, 0, 0, 2, lr=lambda s: 1e-3, clip=1.0, device=job.device)
+    assert all(p.grad is None for p in params) and opt.state
 
 
 def test_optimizer_state_travels_per_head():
