@@ -223,8 +223,6 @@ def _drop_arrays(msg: Message, *keys: str) -> None:
         msg.content.pop(key, None)
 
 
-
-
 def _costs(watch: costs.Stopwatch, cost: dict) -> dict:
     return {**cost, **{k: round(v, 3) for k, v in watch.laps.items()}, **costs.peak_memory()}
 

@@ -12,9 +12,9 @@ device those are what decides whether a job fits:
 
 Why max(activations, grads) and not their sum: backward frees each layer's saved activations
 as it produces that layer's gradients, and every training loop drops the gradients as soon as
-the optimizer has stepped (`train.optimizer_step`), so the two never coexist in full. The peak is at the
-start of backward (all activations) or at the optimizer step (all gradients), whichever is
-larger. Measured peaks of real ClientApp processes confirm it (docs/performance.md §4).
+the optimizer has stepped (`train.optimizer_step`), so the two never coexist in full. The peak
+is at the start of backward (all activations) or at the optimizer step (all gradients),
+whichever is larger. Measured peaks of real ClientApp processes confirm it (docs/performance.md §4).
 
 Base bytes per LoRA'd Linear (m, n), matching `lte_fed.quant` / bitsandbytes exactly:
     nf4/fp4: ceil(m·n / 2) packed + 4 · ceil(m·n / 64) absmax (fp32, one per 64-block)
