@@ -492,12 +492,12 @@ class StackedLoRALinear(nn.Module):
         fresh dequantization) only while one layer's matmul runs. Same values."""
         def make():
             w = self.weight if self.base is None else self.base.dequantize()
-            if self.base is not None and not self.cache_base and self.heads == 1:
+            if self._per_use and self.heads == 1:
                 # a fresh dequantization is a transient this layer owns: fold into it
                 return fold_correction(w, self.corr_B[0], self.corr_A[0], self.s, out=w).unsqueeze(0)
             return fold_correction(w, self.corr_B, self.corr_A, self.s)
 
-        if self.base is not None and not self.cache_base:
+        if self._per_use:
             return make()
         key = (_versions(self.weight, *(() if self.base is None else self.base.parts().values()),
                          self.corr_A, self.corr_B, self.head_scales), self.scale)
@@ -508,8 +508,12 @@ class StackedLoRALinear(nn.Module):
         cost nothing per step); when they are made per use (a node's q(W), dequantized per use),
         only where the fold is the cheaper matmul (`fold_is_cheaper`, as a worker's LoRALinear
         decides), else V goes to the tokens in the rank-2r product, with no second (m, n)."""
-        per_use = self.base is not None and not self.cache_base
-        return not per_use or fold_is_cheaper(tokens, self.out_features, self.in_features)
+        return not self._per_use or fold_is_cheaper(tokens, self.out_features, self.in_features)
+
+    @property
+    def _per_use(self) -> bool:
+        """Whether q(W) is dequantized (and V folded) afresh at every use: a node's layer."""
+        return self.base is not None and not self.cache_base
 
     @property
     def s(self) -> "float | torch.Tensor":
