@@ -7,8 +7,8 @@ the slowest and the largest worker are what bound a round and a device.
     start_s    process start -> the handler runs (interpreter, Flower's own set-up, imports);
                0 when the process already served a message (simulation's long-lived actors)
     imports_s  the ClientApp module's own imports (part of start_s; 0 like it)
-    libs_s     the libraries this job loads lazily (the model's: timm imports torchvision;
-               bitsandbytes for a quantized base); 0 once a process has them
+    libs_s     the libraries this job loads lazily (the model's: timm imports torchvision);
+               0 once a process has them
     data_s     the shard: read from the node's cache or prepared from the dataset
     model_s    skeleton, LoRA surgery, filling it from the message and the saved state
     train_s    the T local steps

@@ -36,7 +36,7 @@ unpacked from them (a copy) sit next to the model they fill; then the ClientApp 
 of that build and training. A full-training device has no message.
 
 What is not here: the process's code and libraries (interpreter, torch, Flower, the model's
-library: timm imports torchvision, ~190 MiB resident on CPU; bitsandbytes ~60 MiB). They cost
+library: timm imports torchvision, ~190 MiB resident on CPU). They cost
 the same whatever the model, so measurements are taken above a process that imported them
 (benchmarks/deployment.py: the real ClientApp processes of a loopback deployment).
 

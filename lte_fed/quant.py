@@ -7,6 +7,12 @@ full-precision matrix alive for the backward pass (the input gradient re-dequant
 QLoRA does).
 
 The packed tensors are plain uint8/int8/float32 tensors, so they travel as they are.
+
+Only quantizing calls bitsandbytes (the server, and the fused engine, which holds W). A worker
+only dequantizes, and does it here in plain torch, bit for bit what bitsandbytes returns
+(tests/test_quant.py checks it against bitsandbytes for every format): importing bitsandbytes
+costs several seconds (it builds torch.compile wrappers at import), paid again by every message
+of a deployed client, since Flower starts a fresh process per message.
 """
 
 from __future__ import annotations
@@ -96,33 +102,80 @@ def dequantize(parts: dict[str, torch.Tensor], fmt: str, shape: tuple[int, int])
     """Inverse of `quantize`: the float32 weight (m, n) the packed tensors stand for."""
     if fmt == "none":
         return parts["weight"]
-    if fmt == "int8":
-        return _bnb().int8_vectorwise_dequant(parts["packed"], parts["absmax"]).float()
-    bnbf = _bnb()
+    if fmt == "int8":  # each row's codes times its absmax / 127, multiplied as bitsandbytes does
+        return parts["packed"] * parts["absmax"].view(-1, 1) * _INV_127
     kind, double = four_bit(fmt)
-    state = bnbf.QuantState(
-        absmax=dequantize_absmax(parts) if double else parts["absmax"],
-        shape=torch.Size(shape),
-        code=bnbf.get_4bit_type(kind, device=parts["packed"].device),
-        blocksize=BLOCKSIZE_4BIT,
-        quant_type=kind,
-        dtype=torch.float32,
-    )
-    return bnbf.dequantize_4bit(parts["packed"], state).float()
+    absmax = dequantize_absmax(parts) if double else parts["absmax"]
+    return dequantize_4bit(parts["packed"], absmax, kind, shape)
+
+
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, kind: str, shape: tuple[int, int]) -> torch.Tensor:
+    """A 4-bit weight (m, n) from its packed codes (ceil(m*n/2), 1) uint8 — two per byte, the
+    earlier entry in the high nibble — and its per-block absmax (ceil(m*n/64),) float32: each
+    entry is its code's value times its block's absmax."""
+    numel = shape[0] * shape[1]
+    # One gather of 8-byte pairs (~1.7x bitsandbytes' C kernel on CPU, measured; a gather per nibble is 5x).
+    out = torch.take(_byte_pairs(kind, packed.device), packed.view(-1).long()).view(torch.float32)
+    full = numel - numel % BLOCKSIZE_4BIT
+    out[:full].view(-1, BLOCKSIZE_4BIT).mul_(absmax[: full // BLOCKSIZE_4BIT].view(-1, 1))
+    if full < numel:
+        out[full:numel].mul_(absmax[-1])  # the last, partial block
+    return out[:numel].view(shape)
 
 
 def dequantize_absmax(parts: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A double-quantized 4-bit weight's per-block absmax as float32 (b,)."""
-    state2 = _bnb().QuantState(absmax=parts["absmax2"], code=_absmax_code(parts["absmax"].device),
-                               blocksize=BLOCKSIZE_ABSMAX, dtype=torch.float32)
-    return _bnb().dequantize_blockwise(parts["absmax"], state2) + parts["offset"]
+    """A double-quantized 4-bit weight's per-block absmax as float32 (b,): each uint8 code's
+    value in the dynamic map times its group's absmax2 (groups of 256 blocks), plus the offset."""
+    codes = _dynamic_map(parts["absmax"].device)[parts["absmax"].int()]
+    groups = parts["absmax2"].repeat_interleave(BLOCKSIZE_ABSMAX)[: codes.numel()]
+    return codes * groups + parts["offset"]
+
+
+# float32(1/127): bitsandbytes dequantizes an int8 row by multiplying with it, not dividing.
+_INV_127 = 7.874015718698502e-3
+
+# The value of each 4-bit code before its block's absmax scales it, as bitsandbytes defines them.
+# NF4: quantiles of a standard normal, scaled to [-1, 1] (QLoRA, arXiv:2305.14314). FP4: sign,
+# 2 exponent bits, 1 mantissa bit (in units of 1/16), normalised by the largest magnitude, 12;
+# code 8 is -0, as bitsandbytes' CPU and CUDA kernels decode it.
+_NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0)
+_FP4_SIXTEENTHS = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+
+def code_values(kind: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(16,) float32: what each 4-bit code of `kind` ("nf4" or "fp4") stands for, in code order."""
+    if kind == "nf4":
+        return torch.tensor(_NF4, dtype=torch.float32, device=device)
+    if kind == "fp4":
+        values = torch.tensor(_FP4_SIXTEENTHS, dtype=torch.float32, device=device)
+        return values / values.abs().max()
+    raise ValueError(f"no 4-bit code {kind!r}: nf4 or fp4")
 
 
 @functools.lru_cache(maxsize=None)
-def _absmax_code(device: torch.device) -> torch.Tensor:
-    """The 256-entry signed dynamic map bitsandbytes quantizes the absmax with (fixed, so it
-    is rebuilt here rather than sent)."""
-    return _bnb().create_dynamic_map(signed=True).to(device)
+def _byte_pairs(kind: str, device: torch.device) -> torch.Tensor:
+    """(256,) int64: the two float32 values a packed byte stands for (high nibble first), as one
+    8-byte element, so unpacking a byte is a single gather."""
+    code = code_values(kind, device)
+    byte = torch.arange(256, device=device)
+    return torch.stack([code[byte >> 4], code[byte & 15]], dim=1).view(torch.int64).view(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _dynamic_map(device: torch.device) -> torch.Tensor:
+    """(256,) float32, sorted: the signed 8-bit dynamic map a double-quantized absmax is coded in
+    (bitsandbytes' `create_dynamic_map(signed=True)`, after Dettmers, arXiv:1511.04561). Decade
+    10^(i-6), i = 0..6, holds the midpoints of 2^i equal steps over [0.1, 1] times 10^(i-6), with
+    both signs; then 0 and 1. It is fixed, so it is rebuilt here rather than sent."""
+    values = [0.0, 1.0]
+    for i in range(7):
+        edges = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        midpoints = (edges[:-1] + edges[1:]) / 2.0
+        values += ((10 ** (i - 6)) * midpoints).tolist() + (-(10 ** (i - 6)) * midpoints).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32, device=device)
 
 
 def error_bound(weight: torch.Tensor, fmt: str) -> torch.Tensor:
@@ -140,7 +193,7 @@ def error_bound(weight: torch.Tensor, fmt: str) -> torch.Tensor:
     if fmt == "int8":
         return (w.abs().amax(dim=1, keepdim=True) / 127.0 * 0.5 + 1e-6).expand_as(w)
     kind, double = four_bit(check_format(fmt))
-    code = _bnb().get_4bit_type(kind, device="cpu").float().sort().values
+    code = code_values(kind).sort().values
     half_gap = float((code[1:] - code[:-1]).max()) / 2
     flat = w.flatten()
     pad = (-flat.numel()) % BLOCKSIZE_4BIT

@@ -119,9 +119,10 @@ def _write_shard(path: Path, key: dict, data: D.ImageData) -> None:
 
 # ------------------------------------------------------------------------------ the model
 def job_imports(spec: Spec) -> None:
-    """Import the libraries this job's worker loads lazily (the model's — timm, torchvision — and
-    bitsandbytes for a quantized base), and nothing else: what a process needs resident before
-    any tensor of the job exists (the benchmark's memory floor)."""
+    """Import the libraries this job's worker loads lazily (the model's: timm, torchvision), and
+    nothing else: what a process needs resident before any tensor of the job exists (the
+    benchmark's memory floor). Not bitsandbytes: a worker only dequantizes q(W), which
+    `lte_fed.quant` does in plain torch."""
     from .memory import analyse
     from .models import is_language_model
 
@@ -130,10 +131,6 @@ def job_imports(spec: Spec) -> None:
             analyse(spec.model.name, spec.model.img_size or 224, patch_size=spec.model.patch_size)  # meta: imports only
         except ValueError:  # a size the model cannot take: the job's own build says so, with the key
             pass
-    if spec.quant.base != "none":
-        from .quant import _bnb
-
-        _bnb()
 
 
 def head_model(job: Job, head: int) -> HeadLTE:

@@ -91,3 +91,36 @@ def test_double_quantization_keeps_the_codes_and_moves_only_the_block_scales():
     assert torch.equal(bnbf.dequantize_4bit(packed, state), b)
     with pytest.raises(ValueError, match="'absmax'.*float32"):
         q.set_parts({**dq, "absmax": plain["absmax"]})  # a plain nf4 record sent to a -dq worker
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "nf4-dq", "fp4-dq", "int8"])
+@pytest.mark.parametrize("shape", [(96, 200), (30, 50), (7, 33), (1, 1), (3, 600)])  # partial blocks, odd sizes
+def test_dequantizing_without_bitsandbytes_gives_what_bitsandbytes_gives(fmt, shape):
+    """A worker dequantizes in plain torch (no bitsandbytes import): the same float32 values as
+    bitsandbytes' own kernels, bit for bit (up to the sign of a zero: bitsandbytes' CPU kernel
+    decodes fp4's code 8 as -0, its fallback for an odd row length as +0)."""
+    w = torch.randn(shape, generator=torch_generator(36))
+    w.view(-1)[0] *= 40  # an outlier block
+    w.view(-1)[-1] = 0.0
+    bnbf = quant._bnb()
+    parts = quant.quantize(w, fmt)
+    got = quant.dequantize(parts, fmt, shape)
+    if fmt == "int8":
+        want = bnbf.int8_vectorwise_dequant(parts["packed"], parts["absmax"])
+    else:
+        packed, state = bnbf.quantize_4bit(w, quant_type=fmt[:3], blocksize=quant.BLOCKSIZE_4BIT,
+                                           compress_statistics=fmt.endswith("-dq"))
+        want = bnbf.dequantize_4bit(packed, state)
+    assert got.dtype == torch.float32 and got.shape == shape and got.is_contiguous()
+    assert torch.equal(got, want)
+    if not fmt.startswith("fp4") or shape[1] % 2 == 0:
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_the_code_tables_are_bitsandbytes_own():
+    bnbf = quant._bnb()
+    for kind in ("nf4", "fp4"):
+        assert torch.equal(quant.code_values(kind), bnbf.get_4bit_type(kind, device="cpu"))
+    assert torch.equal(quant._dynamic_map(torch.device("cpu")), bnbf.create_dynamic_map(signed=True))
+    with pytest.raises(ValueError, match="nf4 or fp4"):
+        quant.code_values("int4")

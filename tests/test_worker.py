@@ -86,6 +86,48 @@ def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_n
     assert any("_fold_cache" in m.__dict__ for m in ref.modules() if isinstance(m, StackedLoRALinear))
 
 
+_WORKER_WITHOUT_BITSANDBYTES = """
+import json, sys, torch
+import clients.client_app
+from lte_fed import worker as W
+from lte_fed.node import train_heads
+from lte_fed.spec import Spec
+from lte_fed.train import make_optimizer
+spec = Spec.from_dict(json.loads(sys.argv[1]))
+sent = torch.load(sys.argv[2])
+W.job_imports(spec)
+job, src = W.node_sources(spec, [1], sys.argv[3])
+model = W.node_model(job, [1])
+W.fill_node(model, sent["base"], sent["replicas"])
+losses = train_heads(model, make_optimizer(model.head_params(), 1e-2, 0.0), src, 0, 2, lr=lambda step: 1e-2,
+                     clip=1.0, device=torch.device("cpu"))
+print(repr({"losses": losses, "bitsandbytes": sorted(m for m in sys.modules if m.startswith("bitsandbytes"))}))
+"""
+
+
+@pytest.mark.parametrize("base", ["nf4-dq", "int8"])
+def test_a_worker_trains_on_a_quantized_base_without_importing_bitsandbytes(tmp_path, base):
+    """Importing bitsandbytes costs seconds per message in a deployment (a fresh process each):
+    a worker only dequantizes, which lte_fed.quant does itself. A fresh interpreter runs the
+    worker's path (ClientApp module, job libraries, skeleton, fill, two steps) on a q(W) made here."""
+    import ast
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    s = spec(quant={"base": base})
+    ref = HeadLTE(setup(s).plain, lte_config(s), 1)
+    torch.save({"base": ref.base_state(), "replicas": ref.replica_state()}, tmp_path / "sent.pt")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", _WORKER_WITHOUT_BITSANDBYTES, json.dumps(s.to_dict()), str(tmp_path / "sent.pt"),
+                          str(tmp_path / "cache")], cwd=repo, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert got["bitsandbytes"] == [], got["bitsandbytes"]
+    assert len(got["losses"]) == 2 and all(0 < v < 10 for step in got["losses"] for v in step), got["losses"]
+
+
 def test_a_message_without_the_whole_base_is_refused(tmp_path):
     s = spec()
     job, _ = W.node_data(s, 0, tmp_path)
