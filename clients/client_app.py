@@ -210,7 +210,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
             "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
             "num-examples": steps * src.per_head_batch, **message_costs})
     _keep_node_model(spec_json, ranks, job.device, model)
-    _slow_down(spec, heads, rnd, train_s)
+    _slow_down(spec, heads, pid, rnd, train_s)
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -301,7 +301,7 @@ def _fault_matches(spec: Spec, head: int, rnd: int) -> str | None:
     if not spec.run.fault:
         return None
     kind, h, r = spec.run.fault.split(":")
-    return kind if int(h) == head and (r == "*" or int(r) == rnd) else None
+    return kind if h.isdigit() and int(h) == head and (r == "*" or int(r) == rnd) else None
 
 
 def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -321,14 +321,17 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
     return reply
 
 
-def _slow_down(spec: Spec, heads: list[int], rnd: int, train_s: float) -> None:
-    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD answers F x its training time late
-    (a slow device; the round deadline's test case)."""
-    for h in heads:
-        kind = _fault_matches(spec, h, rnd)
-        if kind is not None and kind.startswith("slow"):
-            time.sleep(float(kind[4:]) * train_s)
-            return
+def _slow_down(spec: Spec, heads: list[int], partition: int, rnd: int, train_s: float) -> float:
+    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD answers F x its training time late;
+    slow<F>:node<P>:ROUND: the node of partition-id P does, whatever heads it holds (a slow
+    device: the round deadline's test case). Returns the seconds slept."""
+    if not spec.run.fault or not spec.run.fault.startswith("slow"):
+        return 0.0
+    kind, who, r = spec.run.fault.split(":")
+    if (r == "*" or int(r) == rnd) and (who == f"node{partition}" or who.isdigit() and int(who) in heads):
+        time.sleep(float(kind[4:]) * train_s)
+        return float(kind[4:]) * train_s
+    return 0.0
 
 
 class StateFiles:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import costs
 from .job import LORA_METHODS, Job, batch_source, describe, lte_config, progress, setup  # noqa: F401 (re-exported)
 from .lte import StackedLTE, accounting
 from .outer import OuterOptimizer, outer_config
@@ -59,6 +60,8 @@ class FusedRun:
         self.job = setup(spec)
         self.spec, self.dir = spec, RunDir(out)
         s, dev = spec, self.job.device
+        if dev.type == "cpu":  # every step frees and re-allocates the same memory: keep it mapped
+            costs.keep_freed_memory()
         self.src = batch_source(self.job)
         if s.method == "full":
             self.model = copy.deepcopy(self.job.plain).to(dev)

@@ -288,10 +288,72 @@ def _base_matmul(y, xs, w):
         y.view(-1, y.shape[-1]).addmm_(xs.reshape(-1, xs.shape[-1]), w.t())
 
 
+class _LTEFoldedLinear(torch.autograd.Function):
+    """The LTE layer with each head's LoRA term folded into its own base for this step:
+    W_n' = W_n + s·B_n A_n (N, m, n), then y_n = W_n' x_n + b_n as one batched matmul.
+
+    Against `_LTELinear` this trades the forward's (A x)·sBᵀ and the backward's gh·A, L·r·(m+n)
+    MACs per head (L tokens), for the fold's m·n·r: cheaper where m·n < L·(m+n)
+    (`fold_is_cheaper`). The cost is memory: W_n' is kept from the forward to the backward, an
+    fp32 (N, m, n) per layer while the step runs (the caller's budget, `LTEConfig.fold_max_bytes`).
+    The backward still needs A x, for ∇B: it is computed there, not saved.
+
+    Shapes: xs (N, L, n); A (N, r, n); B (N, m, r); bias (N, m) or None; `base()` returns W as
+    (m, n) shared or (N, m, n) per head (the exact variant's W - s·V_n, see `_folded`); scale a
+    float or (N, 1, 1)."""
+
+    @staticmethod
+    def forward(ctx, xs, A, B, bias, base, scale):
+        dev = xs.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else xs.dtype
+        ctx.dtypes = (xs.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype)
+        with torch.autocast(dev, enabled=False):
+            xs, Af, Bf = xs.to(dt), A.to(dt), B.to(dt)
+            w = base().to(dt)
+            w = w.expand(B.shape[0], *w.shape[-2:])
+            if isinstance(scale, float | int):
+                folded = torch.baddbmm(w, Bf, Af, alpha=scale)
+            else:
+                folded = torch.baddbmm(w, Bf * scale.to(dt), Af)
+            if bias is None:
+                y = torch.bmm(xs, folded.transpose(1, 2))
+            else:
+                y = torch.baddbmm(bias.to(dt)[:, None, :], xs, folded.transpose(1, 2))
+        ctx.save_for_backward(xs, folded, A, B)
+        ctx.scale = scale
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        xs, folded, A, B = ctx.saved_tensors
+        need_x, need_A, need_B, need_bias = ctx.needs_input_grad[:4]
+        x_dt, A_dt, B_dt, bias_dt = ctx.dtypes
+        s = ctx.scale if isinstance(ctx.scale, float | int) else ctx.scale.to(xs.dtype)
+        gx = gA = gB = gbias = None
+        with torch.autocast(xs.device.type, enabled=False):
+            g = g.to(xs.dtype).contiguous()
+            if need_x:
+                gx = torch.bmm(g, folded).to(x_dt)
+            if need_A:
+                gA = torch.bmm(torch.bmm(g, B.to(g.dtype)).transpose(1, 2), xs).mul_(s).to(A_dt)
+            if need_B:
+                gB = torch.bmm(g.transpose(1, 2), torch.bmm(xs, A.to(xs.dtype).transpose(1, 2))).mul_(s).to(B_dt)
+            if need_bias:
+                gbias = g.sum(1).to(bias_dt)
+        return gx, gA, gB, gbias, None, None
+
+
 def lte_linear(xs, base, A, B, bias, VA, VB, scale):
     """The fast LTE layer (same arguments and result as `lte_linear_plain`, with `base` a
     callable returning W, see `_LTELinear`)."""
     return _LTELinear.apply(xs.contiguous(), A, B, bias, VA, VB, base, scale)
+
+
+def lte_linear_folded(xs, base, A, B, bias, scale):
+    """`lte_linear` with V = 0 (or V already in `base`) through `_LTEFoldedLinear`: each head's
+    LoRA term folded into its base for the step (same result up to float rounding)."""
+    return _LTEFoldedLinear.apply(xs.contiguous(), A, B, bias, base, scale)
 
 
 # ----------------------------------------------------------------------------------- layers
@@ -393,7 +455,11 @@ class StackedLoRALinear(nn.Module):
 
     `fold` (exact variant): keep W_q - s·V_n per head (`_folded`, N·m·n floats) so that V costs
     nothing per step; without it V is applied to the tokens as part of one rank-2r product.
-    `cache_base`: keep q(W) dequantized (m·n floats). `impl = "plain"`: the op-by-op reference.
+    `fold_steps`: where it is the cheaper matmul (`fold_is_cheaper` at the step's tokens per
+    head), also fold each head's s·B_n A_n into its base for the step (`_LTEFoldedLinear`: N·m·n
+    floats more, held from the forward to the backward); only where the bases are kept, never
+    on a node that dequantizes per use. `cache_base`: keep q(W) dequantized (m·n floats).
+    `impl = "plain"`: the op-by-op reference.
     """
 
     impl = "fast"
@@ -411,6 +477,7 @@ class StackedLoRALinear(nn.Module):
         quant: str = "nf4",
         generators: list[torch.Generator],
         fold: bool = True,
+        fold_steps: bool = False,
         ranks: list[int] | None = None,
         scales: list[float] | None = None,
     ):
@@ -437,6 +504,7 @@ class StackedLoRALinear(nn.Module):
         self.quant = quant
         self.mode = "split"
         self.fold = fold
+        self.fold_steps = fold_steps
         if linear.weight.is_meta:
             # A skeleton (a Flower node's stacked heads, lte_fed/worker.py): q(W) arrives later and
             # W never exists here (quant none: W itself is what arrives). Such a layer trains; it
@@ -535,10 +603,15 @@ class StackedLoRALinear(nn.Module):
         xs = x.reshape(N, -1, self.in_features)  # head n owns the n-th slice of the batch
         if not isinstance(s, float):
             s = s.to(xs.dtype).view(-1, 1, 1)
+        exact = self.corr_A is not None
         if self.impl == "plain":
             y = lte_linear_plain(xs, self._base_weight(), self.lora_A, self.lora_B, self.bias, self.corr_A,
                                  self.corr_B, s)
-        elif self.corr_A is not None and self.fold and self._fold_pays(xs.shape[1]):
+        elif self.fold_steps and (self.fold or not exact) and not self._per_use and \
+                fold_is_cheaper(xs.shape[1], self.out_features, self.in_features):
+            y = lte_linear_folded(xs, self._folded if exact else self._base_weight, self.lora_A, self.lora_B,
+                                  self.bias, s)
+        elif exact and self.fold and self._fold_pays(xs.shape[1]):
             y = lte_linear(xs, self._folded, self.lora_A, self.lora_B, self.bias, None, None, s)
         else:
             y = lte_linear(xs, self._base_weight, self.lora_A, self.lora_B, self.bias, self.corr_A, self.corr_B, s)

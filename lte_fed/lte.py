@@ -59,6 +59,9 @@ class LTEConfig:
     # The fused engine folds the exact variant's V_n into per-head bases W - s·V_n (N·m·n fp32
     # per layer) when all of them together fit in this many bytes; otherwise V is applied to
     # the tokens every step (exact LTE then costs 4·r(m+n)/(m·n) more per token than reset).
+    # When the step's folds fit too (N·m·n fp32 per layer more, during a step), each head's
+    # s·B_n A_n is folded into its base for the step where that is the cheaper matmul
+    # (StackedLoRALinear `fold_steps`).
     fold_max_bytes: int = 4 * 2**30
 
     def __post_init__(self):
@@ -346,10 +349,14 @@ class StackedLTE(nn.Module):
         # the fused engine does: the node then computes bit for bit what the fused engine does.
         # A node with a quantized base folds per use and keeps nothing m×n in fp32 between uses
         # (StackedLoRALinear._folded).
+        # Folding the heads' s·B_n A_n into per-head bases for each step (`fold_steps`) holds
+        # another N·m·n fp32 per layer while a step runs: on top of the kept folds, in the budget.
+        kept = fold_bytes if cfg.variant == "exact" else 0
         for name in self.plan.lora:
             layer = StackedLoRALinear(net.get_submodule(name), N, cfg.rank, cfg.alpha, variant=cfg.variant,
                                       init=cfg.init, quant=cfg.quant, generators=gens,
-                                      fold=fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks,
+                                      fold=fold_bytes <= cfg.fold_max_bytes,
+                                      fold_steps=kept + fold_bytes <= cfg.fold_max_bytes, ranks=self.ranks,
                                       scales=scales)
             _set(net, name, layer)
         self._slots: list[tuple[str, str]] = []  # (owner module, attribute) of token-like replicas

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .lora import one_head_keeps_fold
+from .lora import fold_is_cheaper, one_head_keeps_fold
 from .quant import BLOCKSIZE_4BIT, BLOCKSIZE_ABSMAX, check_format, four_bit
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, i
         "trainable": FP32 * (trainable + corr),
         "grads": FP32 * trainable,
         "optimizer": 2 * FP32 * trainable,
-        "workspace": _workspace(shape, cfg),
+        "workspace": _workspace(shape, cfg, batch),
         "message": 0,
         "activations": activation_bytes(shape, batch, rank, 2 if variant == "exact" else 1),
     }
@@ -198,14 +198,22 @@ def estimate_lte(shape: ModelShape, cfg: "LTEConfig", batch: int) -> dict[str, i
     return out
 
 
-def _workspace(shape: ModelShape, cfg: "LTEConfig") -> int:
+def _workspace(shape: ModelShape, cfg: "LTEConfig", batch: int) -> int:
     """The client's fp32 (m, n) buffers (module docstring): none for an fp32 base without V,
-    every Linear's fold when the client keeps them, else one transient of the largest."""
+    every Linear's fold when the client keeps them, else one transient of the largest; with an
+    fp32 base, plus the step's folds W + s·B A of the Linears where folding is the cheaper
+    matmul at this batch (`lora.fold_is_cheaper`), when they fit in `fold_max_bytes` on top of
+    the kept ones (lte.StackedLTE `fold_steps`)."""
+    every = FP32 * sum(m * n for m, n in shape.linears)
     if one_head_keeps_fold(cfg.quant, cfg.variant, shape.linears, cfg.fold_max_bytes):
-        return FP32 * sum(m * n for m, n in shape.linears)
-    if cfg.quant == "none" and cfg.variant != "exact":
-        return 0
-    return FP32 * max(m * n for m, n in shape.linears)
+        held = every
+    elif cfg.quant == "none" and cfg.variant != "exact":
+        held = 0
+    else:
+        return FP32 * max(m * n for m, n in shape.linears)
+    if held + every <= cfg.fold_max_bytes:
+        held += FP32 * sum(m * n for m, n in shape.linears if fold_is_cheaper(batch * shape.tokens, m, n))
+    return held
 
 
 def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:

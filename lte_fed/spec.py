@@ -156,7 +156,8 @@ class RunSpec:
     # Testing aid: make one worker misbehave, "KIND:HEAD:ROUND" with KIND one of raise (the
     # client fails: every head of its node), nan (replies NaN factors), shape (replies a wrong
     # shape), hang (replies only after the round timed out, as a node gone for that round),
-    # slow<F> (the node sleeps F times its training time before replying; ROUND * = every round).
+    # slow<F> (the node sleeps F times its training time before replying; ROUND * = every round;
+    # HEAD node<P>: the node of partition-id P, whatever heads it holds, a slow device).
     fault: str | None = None
     progress: bool = True
     verbose: bool = False  # flower engine: stream Flower's and Ray's logs here, not only to <run dir>/flower.log
@@ -414,10 +415,12 @@ def validate(s: Spec) -> Spec:
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")
         slow = kind.startswith("slow") and _is_number(kind[4:]) and float(kind[4:]) > 0
-        _need((kind in ("raise", "nan", "shape", "hang") or slow) and len(rest) == 2 and rest[0].isdigit()
+        who = rest[0] if rest else ""
+        _need((kind in ("raise", "nan", "shape", "hang") or slow) and len(rest) == 2
+              and (who.isdigit() or slow and who.startswith("node") and who[4:].isdigit())
               and (rest[1].isdigit() or slow and rest[1] == "*"),
               "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang|slow<factor> "
-              "(slow may take ROUND *)")
+              "(slow may take HEAD node<partition-id> and ROUND *)")
     if s.data.name == "imagefolder":
         _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
     return s

@@ -3,9 +3,12 @@
 # (vit_digits, 900 steps, T=10), four simulated nodes, one head each, through the CLI users run.
 #   bash scripts/heterogeneous_digits.sh OUT_DIR [SEED]
 # Ranks: all at rank 8, against ranks {2,4,8,16} (run.fleet) with s = alpha/sqrt(r*8) (the
-# default) and s = alpha/r. Deadline: the same four nodes, undelayed, and with node 3 answering
-# 5x its training time late every round (run.fault=slow5:3:*) under a round deadline, its update
-# dropped (partial merge divided by the heads that arrived, and by all N).
+# default) and s = alpha/r. Deadline: four nodes of one head each (run.fleet heads=1), half a
+# core each (run.client_cpus=0.5: all four train at once on this 2-core machine), undelayed, and
+# with the node of partition 3 answering 5x its training time late every round
+# (run.fault=slow5:node3:*, a slow device whatever heads it holds): without a deadline, and under
+# a round deadline of DEADLINE_S seconds, its update dropped (the partial merge divided by the
+# heads that arrived, and by all N).
 set -euo pipefail
 OUT="${1:?usage: heterogeneous_digits.sh OUT_DIR [SEED] [DEADLINE_S]}"; SEED="${2:-0}"; DEADLINE="${3:-}"
 LTE="${LTE_FED:-.venv/bin/lte-fed}"
@@ -15,7 +18,9 @@ run "rank8-s$SEED"
 run "ranks2-16-sqrt-s$SEED" "run.fleet='rank=2;rank=4;rank=8;rank=16'"
 run "ranks2-16-linear-s$SEED" "run.fleet='rank=2;rank=4;rank=8;rank=16'" lte.rank_scale=linear
 if [[ -n "$DEADLINE" ]]; then
-  run "slow5-deadline-arrived-s$SEED" "run.fault='slow5:3:*'" run.round_deadline="$DEADLINE"
-  run "slow5-deadline-all-s$SEED" "run.fault='slow5:3:*'" run.round_deadline="$DEADLINE" run.partial_merge=all
-  run "slow5-nodeadline-s$SEED" "run.fault='slow5:3:*'"
+  ONE="run.fleet='heads=1;heads=1;heads=1;heads=1' run.client_cpus=0.5"
+  run "one-head-nodes-s$SEED" $ONE
+  run "slow5-deadline-arrived-s$SEED" $ONE "run.fault='slow5:node3:*'" run.round_deadline="$DEADLINE"
+  run "slow5-deadline-all-s$SEED" $ONE "run.fault='slow5:node3:*'" run.round_deadline="$DEADLINE" run.partial_merge=all
+  run "slow5-nodeadline-s$SEED" $ONE "run.fault='slow5:node3:*'"
 fi

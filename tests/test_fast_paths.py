@@ -63,16 +63,30 @@ CASES = [("none", torch.float64), ("nf4", torch.float32)]
 @pytest.mark.parametrize("variant", ["exact", "reset"])
 @pytest.mark.parametrize("quant,dtype", CASES)
 @pytest.mark.parametrize("fold", [True, False])
-def test_stacked_fast_equals_plain(variant, quant, dtype, fold):
+@pytest.mark.parametrize("fold_steps,ranks", [(False, None), (True, None), (True, [RANK, 2, 3])])
+def test_stacked_fast_equals_plain(variant, quant, dtype, fold, fold_steps, ranks):
+    """`fold_steps`: each head's s·B A folded into its base for the step (10 tokens per head:
+    the cheaper matmul here), with one scale or per-head scales (heads of other ranks)."""
     N, g = 3, torch_generator(30)
+    assert fold_is_cheaper(10, 12, 20)
     layer = StackedLoRALinear(_linear(20, 12, g), N, RANK, ALPHA, variant=variant, quant=quant,
-                              generators=[torch_generator(31, n) for n in range(N)], fold=fold)
+                              generators=[torch_generator(31, n) for n in range(N)], fold=fold,
+                              fold_steps=fold_steps, ranks=ranks)
     if dtype == torch.float64:
         layer = layer.double()
     _mid_training(layer, g)
     x = torch.randn(N * 2, 5, 20, generator=g, dtype=dtype)
     gout = torch.randn(N * 2, 5, 12, generator=g, dtype=dtype)
     _assert_same(_run(layer, x, gout, "fast"), _run(layer, x, gout, "plain"), dtype)
+    folded = fold_steps and (fold or variant == "reset")  # exact: only on top of the kept V folds
+    assert ("_LTEFoldedLinear" in _layer_fn(layer, x)) == folded
+
+
+def _layer_fn(layer, x) -> str:
+    """The autograd node of the LTE layer's own Function in `layer(x)` (under its reshape)."""
+    layer.impl = "fast"
+    y = layer(x.detach().requires_grad_())
+    return type(y.grad_fn.next_functions[0][0]).__name__
 
 
 @pytest.mark.parametrize("heads", [1, 3])

@@ -128,15 +128,21 @@ def test_cli_bad_input_subprocess():
 @pytest.mark.parametrize("variant", ["exact", "reset"])
 def test_fp32_client_workspace_is_its_kept_folds(vit_base, variant):
     """An fp32-base exact client keeps W - s·V for every Linear within fold_max_bytes (the fp32
-    base once more), else one transient of the largest; reset has nothing to fold."""
+    base once more), else one transient of the largest; reset has nothing to fold. Within the
+    budget both also fold each step's s·B A where that is the cheaper matmul: at 8 × 50 tokens,
+    ViT-B's 768×768 projections and its classifier only."""
     import dataclasses
 
+    from lte_fed.lora import fold_is_cheaper
+
     elems = [m * n for m, n in vit_base.linears]
+    step = [m * n for m, n in vit_base.linears if fold_is_cheaper(8 * vit_base.tokens, m, n)]
+    assert set(step) == {768 * 768, 100 * 768} and len(step) < len(elems)
     cfg = dataclasses.replace(CFG, quant="none", variant=variant)
     kept = estimate_lte(vit_base, cfg, 8)["workspace"]
     per_use = estimate_lte(vit_base, dataclasses.replace(cfg, fold_max_bytes=0), 8)["workspace"]
     if variant == "exact":
-        assert kept == 4 * sum(elems) and per_use == 4 * max(elems)
+        assert kept == 4 * sum(elems) + 4 * sum(step) and per_use == 4 * max(elems)
     else:
-        assert kept == per_use == 0
+        assert kept == 4 * sum(step) and per_use == 0
     assert estimate_lte(vit_base, CFG, 8)["workspace"] == 4 * max(elems)  # nf4: a transient, always

@@ -87,10 +87,19 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"run": {"checkpoint_every": 0}}, "run.checkpoint_every"),
     ({"data": {"test_fraction": 1.0}}, "data.test_fraction"),
     ({"model": {"patch_size": 0}}, "model.patch_size"),
+    ({"run": {"fault": "nan:node1:2"}}, "run.fault"),  # only a slow node is keyed by partition
+    ({"run": {"fault": "slow5:nodeX:*"}}, "run.fault"),
+    ({"run": {"fault": "slow5:node1"}}, "run.fault"),
+    ({"run": {"fault": "hang:1:*"}}, "run.fault"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(d, key):
     with pytest.raises(SpecError, match=f"^{key}"):
         validate(Spec.from_dict(d))
+
+
+@pytest.mark.parametrize("fault", ["nan:1:2", "slow5:3:*", "slow0.5:node2:*", "slow5:node0:3"])
+def test_the_fault_grammar_takes_heads_rounds_and_slow_nodes(fault):
+    validate(Spec.from_dict({"run": {"fault": fault}}))
 
 
 def test_numbers_where_floats_are_expected_are_fine():

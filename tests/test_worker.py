@@ -66,6 +66,12 @@ def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_n
     assert watch.count == 0, watch.seen
     assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
     ref.load_base_state(ref_head.base_state())
+    # The node dequantizes per use, so it never folds a step's s·B A into kept bases; the
+    # reference, which keeps them, is made to take the node's path (the same math, other rounding,
+    # which AdamW's first steps amplify on near-zero gradients).
+    for layer in ref.modules():
+        if isinstance(layer, StackedLoRALinear):
+            layer.fold_steps = False
     for i in range(2):
         got, want = model.head_state(i, with_corr=True), ref.head_state(i, with_corr=True)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
@@ -294,3 +300,17 @@ def test_a_packed_record_travels_through_flower_arrays_exactly_and_a_bad_one_say
     for why, record in bad_layouts.items():
         with pytest.raises(ValueError, match=why):
             P.unpack_wire(record)
+
+
+@pytest.mark.parametrize("fault, heads, partition, rnd, slept", [
+    ("slow3:node1:*", [0, 2], 1, 4, 0.03),  # the slow device, whatever heads it holds
+    ("slow3:node1:*", [1], 0, 4, 0.0),  # another node, holding head 1: not slowed
+    ("slow3:node1:2", [0], 1, 3, 0.0),  # the slow device, another round
+    ("slow3:1:*", [0, 1], 0, 4, 0.03),  # keyed by head: whichever node holds it
+    ("slow3:1:*", [0, 2], 1, 4, 0.0),
+    ("nan:1:4", [1], 1, 4, 0.0),  # not a slow fault
+])
+def test_a_slow_fault_follows_its_head_or_its_node(fault, heads, partition, rnd, slept):
+    from clients.client_app import _slow_down
+
+    assert _slow_down(Spec.from_dict({"run": {"fault": fault}}), heads, partition, rnd, 0.01) == pytest.approx(slept)
