@@ -187,10 +187,17 @@ def linear_flops(a) -> dict:
     per-head bases it adds nothing per token (N·m·n·r once per merge)."""
     from lte_fed.memory import analyse
 
-    lin = analyse(a.model, a.img, 10, a.patch).linears
+    from lte_fed.lora import fold_is_cheaper
+
+    shape = analyse(a.model, a.img, 10, a.patch)
+    lin, tokens = shape.linears, a.batch // a.heads * shape.tokens  # tokens per head
     base = sum(m * n for m, n in lin)
     lora = sum(a.rank * (m + n) for m, n in lin)
+    # s·B A folded into the step's per-head bases where cheaper (lora._LTEFoldedLinear): the
+    # forward's (A x)·sBᵀ and the backward's gh·A, r(m+n) per token, become m·n·r per head
+    step_fold = sum(a.rank * m * n / tokens if fold_is_cheaper(tokens, m, n) else a.rank * (m + n) for m, n in lin)
     full = 3 * base
     return {"floor": 2 * base / full, "lte_reset": (2 * base + 3 * lora) / full,
             "lte (exact, V folded)": (2 * base + 3 * lora) / full,
-            "lte (exact, V on the tokens)": (2 * base + 5 * lora) / full}
+            "lte (exact, V on the tokens)": (2 * base + 5 * lora) / full,
+            "lte or lte_reset, s·B A folded for the step (the fused engine's default)": (2 * base + 2 * lora + step_fold) / full}
