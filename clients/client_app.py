@@ -190,7 +190,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     with watch("train"):
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                              precision=spec.run.precision)
-    train_s = watch.laps.get("train", 0.0)
+    train_s = watch.laps["train_s"]
     costs.trim_heap()  # the reply's packed arrays are mapped afresh: not on top of the step's freed heap
     keep_from = int(config.get("keep_from", 0))
     pid = int(context.node_config.get("partition-id", -1))
@@ -329,8 +329,11 @@ def _slow_down(spec: Spec, heads: list[int], partition: int, rnd: int, train_s: 
         return 0.0
     kind, who, r = spec.run.fault.split(":")
     if (r == "*" or int(r) == rnd) and (who == f"node{partition}" or who.isdigit() and int(who) in heads):
-        time.sleep(float(kind[4:]) * train_s)
-        return float(kind[4:]) * train_s
+        late = float(kind[4:]) * train_s
+        log.warning("run.fault=%s: node of partition %d answers %.2f s late in round %d", spec.run.fault,
+                    partition, late, rnd)
+        time.sleep(late)
+        return late
     return 0.0
 
 

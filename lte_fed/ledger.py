@@ -136,11 +136,11 @@ class RoundMerge:
 
     def __init__(self, rnd: int, ledger: HeadLedger, W: dict[str, torch.Tensor], replicas: dict[str, torch.Tensor],
                  layout: dict, *, scale: float | dict[int, float], variant: str, guard: Guard = Guard(),
-                 layouts: dict[int, dict] | None = None, partial: str = "arrived",
+                 layouts: dict[int, dict] | None = None, partial: str = "all",
                  outer: OuterOptimizer | None = None, uplink: str = "fp32"):
         """`scale`: s, or head -> s when heads differ in rank; `layouts`: head -> its reply layout
         where it differs from `layout` (another rank); `partial`: what a round where only some
-        heads arrived divides their sum by (run.partial_merge: "arrived" |S|, or "all" N);
+        heads arrived divides their sum by (run.partial_merge: "all" N, or "arrived" |S|);
         `outer`: the outer optimizer (None: the plain average); `uplink`: comm.up, what replies
         look like (each head's wire layout follows from its own layout)."""
         self.rnd, self.ledger, self.W, self.replicas, self.outer = rnd, ledger, W, replicas, outer

@@ -127,7 +127,7 @@ class RunSpec:
     out: str | None = None
     resume: str | None = None
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    client_cpus: float = 1.0  # flower engine: CPUs per virtual node
+    client_cpus: float = 1.0  # flower engine: CPUs per virtual node (fractions: several nodes per core)
     client_gpus: float = 0.0  # flower engine: fraction of a GPU per virtual node
     min_heads: int = 1  # flower engine: a round merges only if at least this many heads replied
     # flower engine, simulation: virtual nodes sharing the N heads (each trains its share stacked,
@@ -144,9 +144,10 @@ class RunSpec:
     # server's state.
     round_deadline: float = 0.0
     # flower engine: what a round in which only the heads S arrived divides their summed update
-    # by: "arrived" (|S|: the mean of the arrived heads' updates) or "all" (N: each head moves
-    # W as far as in a full round). docs/heterogeneous.md has the measurement.
-    partial_merge: str = "arrived"
+    # by: "all" (N: each head moves W as far as in a full round, a lone head 1/N of the way) or
+    # "arrived" (|S|: the mean of the arrived heads' updates). "all" ended higher on 3 of 3 paired
+    # seeds with a slow node under a deadline (docs/results/heterogeneous).
+    partial_merge: str = "all"
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
     # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
     # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other

@@ -164,7 +164,8 @@ def flower_env(home: Path) -> dict:
     }
 
 
-def run(home: Path, nodes: int, run_config: str | None, cpus: int, gpus: float, log, app: Path = ROOT) -> int:
+def run(home: Path, nodes: int, run_config: str | None, cpus: int, gpus: float, log, app: Path = ROOT,
+        ray_cpus: int | None = None) -> int:
     """The whole run of the Flower app in `app`; returns `flwr run`'s exit status. The caller
     stops the tree."""
     env = flower_env(home)
@@ -173,6 +174,8 @@ def run(home: Path, nodes: int, run_config: str | None, cpus: int, gpus: float, 
         f'[superlink]\ndefault = "{FEDERATION}"\n\n'
         f'[superlink.{FEDERATION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n')
     federation = f"num-supernodes={nodes} client-resources-num-cpus={cpus} client-resources-num-gpus={gpus}"
+    if ray_cpus:  # Ray schedules by this count, not by the cores it finds
+        federation += f" init-args-num-cpus={ray_cpus}"
     cmd = ["flwr", "run", str(app), FEDERATION, "--stream", "--federation-config", federation]
     if run_config:
         cmd += ["--run-config", run_config]
@@ -194,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-config", help="a TOML file, or 'key=value ...', for `flwr run --run-config`")
     p.add_argument("--cpus", type=int, default=1, help="CPUs per simulated SuperNode")
     p.add_argument("--gpus", type=float, default=0.0, help="fraction of a GPU per simulated SuperNode")
+    p.add_argument("--ray-cpus", type=int, help="CPUs Ray counts on this machine (default: its cores)")
     p.add_argument("--log", help="where Flower's output goes (default: this terminal)")
     p.add_argument("--app", type=Path, default=ROOT, help="the Flower app's directory (default: lte-fed's)")
     args = p.parse_args(argv)
@@ -207,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     log = open(args.log, "ab") if args.log else None
     with tempfile.TemporaryDirectory(prefix="lte-fed-flwr-", ignore_cleanup_errors=True) as tmp:
         try:
-            return run(Path(tmp) / "flwr_home", args.nodes, args.run_config, args.cpus, args.gpus, log, args.app)
+            return run(Path(tmp) / "flwr_home", args.nodes, args.run_config, args.cpus, args.gpus, log, args.app, args.ray_cpus)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short

@@ -35,9 +35,7 @@ def write_run_config(spec: Spec, path: Path) -> Path:
 def run_flower(spec: Spec, out: str | Path) -> dict:
     """Run `spec` through `flwr run` in Flower's simulation engine; returns the run's summary."""
     validate(spec)
-    cpus = spec.run.client_cpus
-    if not (isinstance(cpus, (int, float)) and cpus >= 1 and float(cpus).is_integer()):
-        raise SpecError(f"run.client_cpus: Flower's simulation takes a whole number of CPUs per node, got {cpus!r}")
+    cpus, ray_cpus = ray_resources(spec)
     spec = copy.deepcopy(spec)
     spec.run.out = str(Path(out).resolve())
     nodes = simulation_nodes(spec)
@@ -47,7 +45,9 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     log_path = rundir.path / "flower.log"
     cmd = [sys.executable, "-m", "strategies.launcher", "--nodes", str(nodes),
            "--run-config", str(write_run_config(spec, rundir.path / "run_config.toml")),
-           "--cpus", str(int(cpus)), "--gpus", str(float(spec.run.client_gpus)), "--log", str(log_path)]
+           "--cpus", str(cpus), "--gpus", str(float(spec.run.client_gpus)), "--log", str(log_path)]
+    if ray_cpus:
+        cmd += ["--ray-cpus", str(ray_cpus)]
     # Its own session: a Ctrl-C on the terminal reaches only us, and we stop the run in order.
     started, log_start = time.time(), _size(log_path)  # a run resumed in place appends to the log
     launcher = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], start_new_session=True)
@@ -66,6 +66,19 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
                        f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
 
 
+def ray_resources(spec: Spec) -> tuple[int, int | None]:
+    """(CPUs each simulated node takes, CPUs Ray is told the machine has, None: all it has).
+    Flower's federation config takes whole numbers, so run.client_cpus = c < 1 (1/c nodes per
+    core, for nodes that mostly wait) becomes one CPU per node on a Ray that counts cores / c."""
+    cpus = spec.run.client_cpus
+    if isinstance(cpus, (int, float)) and 0 < cpus < 1:
+        return 1, max(1, round((os.cpu_count() or 1) / cpus))
+    if not (isinstance(cpus, (int, float)) and cpus >= 1 and float(cpus).is_integer()):
+        raise SpecError(f"run.client_cpus: Flower's simulation takes a whole number of CPUs per node, "
+                        f"or a fraction below 1 (several nodes per core), got {cpus!r}")
+    return int(cpus), None
+
+
 def simulation_nodes(spec: Spec) -> int:
     """Virtual nodes for `spec`: run.nodes, or as many as Ray runs at once (CPU cores /
     run.client_cpus, or GPUs / run.client_gpus when nodes take GPUs), at most one per head.
@@ -76,7 +89,7 @@ def simulation_nodes(spec: Spec) -> int:
         return spec.run.nodes
     if spec.run.fleet:
         return len(parse_fleet(spec.run.fleet))
-    parallel = (os.cpu_count() or 1) // max(1, int(spec.run.client_cpus))
+    parallel = max(1, int((os.cpu_count() or 1) / spec.run.client_cpus))
     if spec.run.client_gpus > 0:
         import torch
 

@@ -4,6 +4,8 @@ a vanished node's head continues, FedAvg baseline, and no process left behind.""
 from __future__ import annotations
 
 import math
+import os
+import re
 import uuid
 
 import pytest
@@ -11,7 +13,8 @@ import torch
 
 from lte_fed.engine import run_fused
 from lte_fed.rundir import RunDir
-from strategies.simulation import run_flower
+from lte_fed.spec import SpecError
+from strategies.simulation import ray_resources, run_flower
 
 from .helpers import TAG, max_abs_diff, model_of, quick_spec, tagged_processes
 
@@ -56,9 +59,15 @@ def test_engines_agree_with_an_outer_optimizer_and_a_compressed_uplink(tmp_path,
     assert fused_up < rows[0]["bytes_up"] < fused_up * 1.5  # Flower's framing on top of the same arrays
 
 
-@pytest.mark.parametrize("nodes", [2, 8])
+# nodes=None: run.nodes at its default, with a fraction of a CPU per node (Flower's federation
+# config takes whole CPUs; strategies/simulation.py ray_resources) so that this machine's cores
+# run 8 nodes at once; and the node of partition 7 a slow device (it answers late, no deadline:
+# the same weights).
+@pytest.mark.parametrize("nodes", [2, 8, None])
 def test_eight_heads_on_any_number_of_nodes_end_with_the_fused_engines_weights(tmp_path, nodes):
-    spec = quick_spec("lte", "flower", lte={"heads": 8}, run={"nodes": nodes})
+    run = {"nodes": nodes} if nodes else {"client_cpus": (os.cpu_count() or 1) / 8, "fault": "slow2:node7:*"}
+    spec = quick_spec("lte", "flower", lte={"heads": 8}, run=run)
+    nodes = nodes or 8
     run_flower(spec, tmp_path / "flower")
     run_fused(quick_spec("lte", "fused", lte={"heads": 8}), tmp_path / "fused")
     diff = max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused"))
@@ -69,6 +78,17 @@ def test_eight_heads_on_any_number_of_nodes_end_with_the_fused_engines_weights(t
     want = [{"node": n, "heads": list(range(n * per_node, (n + 1) * per_node)), "ranks": [4] * per_node}
             for n in range(nodes)]
     assert all(r["placement"] == want for r in rows)
+    if "fault" in run:  # it slept twice its training time, every round
+        late = re.findall(r"node of partition 7 answers ([0-9.]+) s late", (tmp_path / "flower" / "flower.log").read_text())
+        assert len(late) == 2 and all(float(s) > 0 for s in late), late
+
+
+def test_a_cpu_fraction_becomes_whole_cpus_on_a_ray_that_counts_more():
+    cores = os.cpu_count() or 1
+    assert ray_resources(quick_spec("lte", "flower", run={"client_cpus": 2})) == (2, None)
+    assert ray_resources(quick_spec("lte", "flower", run={"client_cpus": 0.5})) == (1, 2 * cores)
+    with pytest.raises(SpecError, match="client_cpus"):
+        ray_resources(quick_spec("lte", "flower", run={"client_cpus": 1.5}))
 
 
 # nan / shape: all three heads on one node, the bad one is refused alone; raise fails a whole
