@@ -187,13 +187,16 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
                  for i in range(len(heads))]
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
+    pid = int(context.node_config.get("partition-id", -1))
     with watch("train"):
+        t0 = time.perf_counter()
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
                              precision=spec.run.precision)
-    train_s = watch.laps["train_s"]
+        # run.fault=slow...: a slower device, so the delay counts as training (the reply's train_s,
+        # from which the server paces the node under a deadline, run.deadline_steps)
+        _slow_down(spec, heads, pid, rnd, time.perf_counter() - t0)
     costs.trim_heap()  # the reply's packed arrays are mapped afresh: not on top of the step's freed heap
     keep_from = int(config.get("keep_from", 0))
-    pid = int(context.node_config.get("partition-id", -1))
     with watch("reply"):
         payloads = []
         for i, store in enumerate(stores):
@@ -210,7 +213,6 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
             "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
             "num-examples": steps * src.per_head_batch, **message_costs})
     _keep_node_model(spec_json, ranks, job.device, model)
-    _slow_down(spec, heads, pid, rnd, train_s)
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -322,7 +324,7 @@ def _inject_fault(spec: Spec, head: int, rnd: int, reply: dict[str, torch.Tensor
 
 
 def _slow_down(spec: Spec, heads: list[int], partition: int, rnd: int, train_s: float) -> float:
-    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD answers F x its training time late;
+    """run.fault=slow<F>:HEAD:ROUND: the node holding HEAD trains F x its training time longer;
     slow<F>:node<P>:ROUND: the node of partition-id P does, whatever heads it holds (a slow
     device: the round deadline's test case). Returns the seconds slept."""
     if not spec.run.fault or not spec.run.fault.startswith("slow"):

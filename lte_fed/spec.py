@@ -148,6 +148,11 @@ class RunSpec:
     # "arrived" (|S|: the mean of the arrived heads' updates). "all" ended higher on 3 of 3 paired
     # seeds with a slow node under a deadline (docs/results/heterogeneous).
     partial_merge: str = "all"
+    # flower engine, with run.round_deadline: what a node too slow for the deadline does. "fixed":
+    # every head runs the round's T steps, and a late one is dropped and restarted; "fit": the
+    # server sends such a node fewer steps, as many as its last answer says fit in 0.8 of the
+    # deadline (lte_fed/placement.py steps_that_fit), so it trains every round.
+    deadline_steps: str = "fixed"
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies
     # flower engine, the update-size guard (lte_fed/ledger.py Guard; 0 disables): a head whose
     # update is over max_update_ratio x the layer's norm, or over max_update_outlier x the other
@@ -412,6 +417,8 @@ def validate(s: Spec) -> Spec:
               f"has {len(entries)} node(s) but run.nodes={s.run.nodes}")
     _need(s.run.partial_merge in ("arrived", "all"), "run.partial_merge",
           f"{s.run.partial_merge!r} is not arrived or all")
+    _need(s.run.deadline_steps in ("fixed", "fit"), "run.deadline_steps",
+          f"{s.run.deadline_steps!r} is not fixed or fit")
     _need(s.run.round_deadline >= 0, "run.round_deadline", f"must be >= 0 (0: none), got {s.run.round_deadline!r}")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")

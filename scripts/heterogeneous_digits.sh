@@ -9,7 +9,8 @@
 # with the node of partition 3 answering 5x its training time late every round
 # (run.fault=slow5:node3:*, a slow device whatever heads it holds): without a deadline, and under
 # a round deadline of DEADLINE_S seconds, its update dropped (the partial merge divided by the
-# heads that arrived, and by all N).
+# heads that arrived, and by all N), or the slow node sent fewer steps, as many as fit
+# (run.deadline_steps=fit).
 set -euo pipefail
 OUT="${1:?usage: heterogeneous_digits.sh OUT_DIR [SEED] [DEADLINE_S]}"; SEED="${2:-0}"; DEADLINE="${3:-}"
 LTE="${LTE_FED:-.venv/bin/lte-fed}"
@@ -24,5 +25,6 @@ else
   run "one-head-nodes-s$SEED" $ONE
   run "slow5-deadline-arrived-s$SEED" $ONE "run.fault='slow5:node3:*'" run.round_deadline="$DEADLINE"
   run "slow5-deadline-all-s$SEED" $ONE "run.fault='slow5:node3:*'" run.round_deadline="$DEADLINE" run.partial_merge=all
+  run "slow5-deadline-fit-s$SEED" $ONE "run.fault='slow5:node3:*'" run.round_deadline="$DEADLINE" run.deadline_steps=fit
   run "slow5-nodeadline-s$SEED" $ONE "run.fault='slow5:node3:*'"
 fi

@@ -68,9 +68,11 @@ def poll_interval(waited: float) -> float:
     return min(POLL_S, max(MIN_POLL_S, POLL_SHARE * waited))
 
 
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float, label: str = "") -> list[Message]:
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float, label: str = "",
+                     arrived: dict[str, float] | None = None) -> list[Message]:
     """Push, then pull until every message has a reply or `timeout` passes; with a `label`
-    (e.g. "round 3"), log how many have answered whenever more have."""
+    (e.g. "round 3"), log how many have answered whenever more have. `arrived` gets, per message
+    id answered, the seconds from the push to the pull that brought its reply."""
     ids = [i for i in grid.push_messages(messages) if i]
     waiting, replies = set(ids), []
     start = time.monotonic()
@@ -79,6 +81,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float, label:
         got = list(grid.pull_messages(list(waiting)))
         replies.extend(got)
         waiting -= {m.metadata.reply_to_message_id for m in got}
+        if arrived is not None:
+            arrived.update({m.metadata.reply_to_message_id: time.monotonic() - start for m in got})
         if got and label:
             log.info("%s: %d of %d nodes answered (%.1f s)", label, len(ids) - len(waiting), len(ids),
                      time.monotonic() - start)
@@ -98,6 +102,7 @@ class Pending:
 
     def __init__(self):
         self.sent: dict[str, tuple[int, float]] = {}  # message id -> (its node, when it was given up on)
+        self.late: list[Message] = []  # replies that came after their round (`take_late`)
 
     def left(self, msgs: list[Message], replies: list[Message]) -> None:
         """Remember the messages of a round that got no reply."""
@@ -113,9 +118,16 @@ class Pending:
             for reply in grid.pull_messages(list(self.sent)):
                 node, _ = self.sent.pop(reply.metadata.reply_to_message_id, (None, 0.0))
                 log.info("node %s answered after its round; the reply was dropped", node)
+                self.late.append(reply)
         now = time.monotonic()
         self.sent = {m: (n, t) for m, (n, t) in self.sent.items() if now - t <= timeout}
         return {n for n, _ in self.sent.values()}
+
+    def take_late(self) -> list[Message]:
+        """The late replies pulled since the last call (not merged; what they say of their node's
+        speed still counts, RoundLoop.heard_late)."""
+        late, self.late = self.late, []
+        return late
 
     def wait_for_a_free_node(self, grid: Grid, timeout: float) -> set[int]:
         """`busy`, after waiting (at most `timeout`) until some registered node is not."""

@@ -37,13 +37,15 @@ from lte_fed.ledger import Guard, HeadLedger, RoundMerge
 from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.outer import OuterOptimizer, outer_config
-from lte_fed.placement import by_node
+from lte_fed.placement import by_node, steps_that_fit
 from lte_fed.rundir import RunDir, open_resume
 from lte_fed.spec import Spec, SpecError, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
 from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity, worker_costs
 from .rounds import RoundLoop
+
+PACE_ANSWERS = 4  # a node's pace under run.deadline_steps=fit: the slowest of its last 4 answers
 
 log = logging.getLogger("lte_fed.server")
 
@@ -73,6 +75,7 @@ class LTEStrategy(RoundLoop):
         self.costs: dict[int, dict] = {}  # head -> what its message cost the worker (lte_fed/costs.py)
         self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "ranks": [...]}]
         self._shape = None  # the model's shape for the memory estimate (memory-gb nodes), built once
+        self.pace: dict[int, list[tuple[float, float]]] = {}  # node -> its last PACE_ANSWERS (s per step, s of the rest)
 
     def summary(self) -> None:
         c = self.cfg
@@ -100,12 +103,16 @@ class LTEStrategy(RoundLoop):
                                  layouts={h: P.expected_head_layout(self.ledger[h].state) for h in heads},
                                  outer=self.outer, uplink=s.comm.up)
         placed = by_node(assignment)
-        msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, steps)
+        node_steps = {node: self._steps_for(node, steps) for node in placed}
+        per_head_batch = s.train.batch_size // self.cfg.heads
+        self.skipped_samples += sum((steps - node_steps[n]) * per_head_batch * len(hs) for n, hs in placed.items())
+        msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, node_steps[node])
                 for node, heads in placed.items()]
         for head in sorted(set(range(self.cfg.heads)) - set(self._round.sent)):
             log.warning("round %d: no node has room for head %d; it waits", server_round, head)
         self.placement = [{"node": self.partitions.info[node].partition, "heads": heads,
-                           "ranks": [self.rank_of(h) for h in heads]} for node, heads in placed.items()]
+                           "ranks": [self.rank_of(h) for h in heads], "steps": node_steps[node]}
+                          for node, heads in placed.items()]
         self.trust_local = set()
         self.bytes_down = sum(message_bytes(m) for m in msgs)
         self._sent = msgs
@@ -132,6 +139,39 @@ class LTEStrategy(RoundLoop):
             "state_round": rnd - 1, "keep_from": self.checkpointed,
         })
         return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
+
+    def _steps_for(self, node: int, steps: int) -> int:
+        """The round's local steps for `node`: all T, or with run.deadline_steps=fit under a
+        deadline, what its last answer says fits (placement.steps_that_fit)."""
+        if self.spec.run.deadline_steps != "fit" or not self.spec.run.round_deadline or node not in self.pace:
+            return steps
+        # the slowest of its last answers: on a shared machine one fast answer is not a promise
+        step_s, other_s = (max(p[i] for p in self.pace[node]) for i in (0, 1))
+        fit = steps_that_fit(steps, self.spec.run.round_deadline, step_s, other_s)
+        if fit < steps:
+            log.info("node of partition %d: %d of %d steps fit in the deadline at its pace (%.3f s a step)",
+                     self.partitions.info[node].partition, fit, steps, step_s)
+        return fit
+
+    def _note_pace(self, reply: Message, arrival_s: float | None = None) -> None:
+        """Remember a node's seconds per step and the rest of its round trip: with `arrival_s`
+        (seconds from the push to its reply: an answer in time), everything but its training,
+        Flower's messaging included; else (a late answer) its message's other laps."""
+        if reply.has_error():
+            return
+        for name, m in reply.content.metric_records.items():
+            steps = int(m.get("steps", 0)) if name.startswith(P.METRICS) else 0
+            if steps > 0 and "train_s" in m:
+                other = sum(float(m.get(k, 0.0)) for k in ("libs_s", "data_s", "model_s", "reply_s"))
+                if arrival_s is not None:
+                    other = max(other, arrival_s - float(m["train_s"]))
+                seen = self.pace.setdefault(reply.metadata.src_node_id, [])
+                seen[:] = [*seen, (float(m["train_s"]) / steps, other)][-PACE_ANSWERS:]
+                return
+
+    def heard_late(self, replies: list) -> None:
+        for reply in replies:
+            self._note_pace(reply)
 
     # ------------------------------------------------------------------ ranks and capacity
     def rank_of(self, head: int) -> int:
@@ -221,6 +261,8 @@ class LTEStrategy(RoundLoop):
             for h in heads:  # each head is screened on its own: a bad one is refused alone
                 self._round.receive(h, None if error is not None else reply.content, error,
                                     arrays=P.head_record(h), metrics=P.metrics_record(h))
+            if server_round > self.first_round:  # the first includes every node's start-up: no pace
+                self._note_pace(reply, self.arrived.get(reply.metadata.reply_to_message_id))
             if error is None and heads:  # one message, one cost: filed under its first head
                 self.costs[heads[0]] = worker_costs(reply, server_round, heads, record=P.metrics_record(heads[0]))
         if self.spec.train.log_alignment and len(self._round.got) > 1 and \
@@ -260,6 +302,7 @@ class LTEStrategy(RoundLoop):
         trusted = [h for h in range(self.cfg.heads) if self.ledger[h].holder is not None]
         self.dir.save_checkpoint(tensors, {"method": "lte", "spec": self.spec.to_dict(), "round": self.round,
                                            "wall_s": self.wall, "run_id": self.run_id, "heads": self.ledger.flags(),
+                                           "skipped_samples": self.skipped_samples,
                                            "trust_local": trusted})
         self.checkpointed = self.round
 
@@ -275,6 +318,7 @@ class LTEStrategy(RoundLoop):
             self.outer.load(unprefixed("outer", tensors))
         self.round = self.checkpointed = int(meta["round"])
         self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
+        self.skipped_samples = int(meta.get("skipped_samples", 0))
         self.trust_local = set(int(h) for h in meta["trust_local"])
         self.dir.adopt_history(src, self.round)
         self.dir.adopt_client_state(src, self.run_id)

@@ -38,6 +38,9 @@ class RoundLoop(Strategy):
 
     spec: Spec
     busy: set[int] = frozenset()  # nodes still on an earlier round's message (set each round)
+    skipped_samples: int = 0  # samples of the steps not sent to paced nodes (LTEStrategy), so far
+    arrived: dict[str, float] = {}  # this round's: message id -> seconds from the push to its reply
+    first_round: int = 1  # this server's first round (it includes every node's start-up)
     job: Job
     dir: RunDir
     partitions: PartitionMap
@@ -52,14 +55,17 @@ class RoundLoop(Strategy):
         result = Result()
         if self.round < num_rounds:
             self.wait_for_workers(grid, timeout)
-        first = self.round + 1
+        first = self.first_round = self.round + 1
         pending = Pending()
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
             self.busy = pending.wait_for_a_free_node(grid, s.run.round_timeout)
+            self.heard_late(pending.take_late())
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since
             msgs = list(self.configure_train(rnd, None, ConfigRecord(), grid))
-            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first), label=f"round {rnd}")
+            self.arrived = {}
+            replies = send_and_receive(grid, msgs, round_wait(s, rnd, first), label=f"round {rnd}",
+                                       arrived=self.arrived)
             pending.left(msgs, replies)
             _, metrics = self.aggregate_train(rnd, replies)
             self.round = rnd
@@ -78,6 +84,9 @@ class RoundLoop(Strategy):
         round's message (grid_utils.Pending)."""
         return set(grid.get_node_ids()) - self.busy
 
+    def heard_late(self, replies: list) -> None:
+        """Replies that came after their round (dropped; LTEStrategy learns the node's pace)."""
+
     def wait_for_workers(self, grid: Grid, timeout: float) -> None:
         """Before round 1: one node per worker (LTEStrategy waits for capacity instead)."""
         wait_for_nodes(grid, self.spec.lte.heads, timeout)
@@ -91,7 +100,7 @@ class RoundLoop(Strategy):
         self.eval_model.load_state_dict(self.plain_state())
         ev = evaluate(self.eval_model, self.job.data, self.job.img_size, self.job.device, s.train.eval_batch)
         step = min(rnd * s.merge_every, s.train.steps)
-        row = {"round": rnd, **progress(self.job, step), "train_loss": self.round_loss, **ev,
+        row = {"round": rnd, **progress(self.job, step, self.skipped_samples), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
                "merged_heads": int(metrics["merged_heads"]), **self.alignment, **round_costs(self.costs),
                **self.round_record()}

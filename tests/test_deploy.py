@@ -251,8 +251,8 @@ def test_nodes_of_different_heads_and_rank_share_the_heads(deployment, tmp_path)
         text = finish(d.run(config, log), log, timeout=400)
         rows = RunDir(out).read_metrics()
         assert [r["merged_heads"] for r in rows] == [4, 4], text[-4000:]
-        want = [{"node": 0, "heads": [0, 1], "ranks": [4, 4]}, {"node": 1, "heads": [2], "ranks": [2]},
-                {"node": 2, "heads": [3], "ranks": [8]}]
+        want = [{"node": 0, "heads": [0, 1], "ranks": [4, 4], "steps": 2}, {"node": 1, "heads": [2], "ranks": [2], "steps": 2},
+                {"node": 2, "heads": [3], "ranks": [8], "steps": 2}]
         assert all(r["placement"] == want for r in rows), [r["placement"] for r in rows]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["placement"] == want

@@ -75,8 +75,8 @@ def test_eight_heads_on_any_number_of_nodes_end_with_the_fused_engines_weights(t
     rows = RunDir(tmp_path / "flower").read_metrics()
     assert [r["merged_heads"] for r in rows] == [8, 8]
     per_node = 8 // nodes
-    want = [{"node": n, "heads": list(range(n * per_node, (n + 1) * per_node)), "ranks": [4] * per_node}
-            for n in range(nodes)]
+    want = [{"node": n, "heads": list(range(n * per_node, (n + 1) * per_node)), "ranks": [4] * per_node,
+             "steps": 3} for n in range(nodes)]
     assert all(r["placement"] == want for r in rows)
     if "fault" in run:  # it slept twice its training time, every round
         late = re.findall(r"node of partition 7 answers ([0-9.]+) s late", (tmp_path / "flower" / "flower.log").read_text())
@@ -129,9 +129,10 @@ def test_a_node_past_the_deadline_gets_no_new_message_until_it_answers(tmp_path)
     run_flower(spec, tmp_path)
     rows = RunDir(tmp_path).read_metrics()
     assert [r["merged_heads"] for r in rows] == [2, 1, 2, 2, 2]
-    assert rows[0]["placement"] == [{"node": 0, "heads": [0], "ranks": [4]}, {"node": 1, "heads": [1], "ranks": [4]}]
+    assert rows[0]["placement"] == [{"node": 0, "heads": [0], "ranks": [4], "steps": 2},
+                                    {"node": 1, "heads": [1], "ranks": [4], "steps": 2}]
     # round 3 starts ~5 s into a hang of 33 s: node 1 is busy, node 0 takes both heads
-    assert rows[2]["placement"] == [{"node": 0, "heads": [0, 1], "ranks": [4, 4]}]
+    assert rows[2]["placement"] == [{"node": 0, "heads": [0, 1], "ranks": [4, 4], "steps": 2}]
     logged = (tmp_path / "flower.log").read_text()
     assert "round 3: head 1 goes to node" in logged
     assert all(math.isfinite(r["test_loss"]) for r in rows)

@@ -300,3 +300,14 @@ def test_a_slice_reset_to_another_head_is_that_head_as_built(variant, ranks):
     assert not torch.equal(moved[lora[0]], fresh.head_state(0, with_corr=True)[lora[0]])  # slice 0 untouched
     kept2 = kept.head_state(2, with_corr=True)
     assert all(not kept2[k].any() for k in lora if not k.endswith("lora_A"))
+
+
+def test_a_node_gets_the_steps_that_fit_in_its_share_of_the_deadline():
+    from lte_fed.placement import steps_that_fit
+
+    assert steps_that_fit(10, 0.0, 1.0) == 10  # no deadline
+    assert steps_that_fit(10, 1.0, None) == 10  # not measured yet
+    assert steps_that_fit(10, 1.0, 0.05, 0.2) == 10  # 0.7 s fits in 0.8 s
+    assert steps_that_fit(10, 1.0, 0.15, 0.1) == 4  # (0.8 - 0.1) / 0.15
+    assert steps_that_fit(10, 1.0, 2.0, 0.1) == 1  # not even one fits: one step, never none
+    assert steps_that_fit(10, 1.0, 0.1, 5.0) == 1

@@ -193,35 +193,46 @@ def test_round_costs_take_the_worst_head():
     assert costs.round_costs({}) == {}
 
 
+class _TwoNodes:
+    """A strategy with two nodes (ids 100, 101; partitions 0, 1) registered, and what the real
+    ClientApp handler needs to serve them in this process: a Grid that lists them and their
+    Contexts."""
+
+    nodes = [100, 101]
+
+    def __init__(self, s: Spec, tmp_path):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        from lte_fed.placement import NodeInfo
+        from strategies.lte_strategy import LTEStrategy
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+        self.strategy = LTEStrategy(s, setup(s), tmp_path / "run")
+        for i, node in enumerate(self.nodes):
+            self.strategy.partitions.add(NodeInfo(node, i))
+        self.contexts = {n: Context(1, n, {"partition-id": i}, RecordDict(), {}) for i, n in enumerate(self.nodes)}
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+
 def _client_rounds(tmp_path, keep: bool, rounds: int = 3) -> dict[str, torch.Tensor]:
     """`rounds` rounds of N=4 heads on 2 nodes, both served by this one process (as one Ray
     actor may serve every node), through the strategy and the ClientApp's real handler; keep:
     the process reuses its node model across messages, else it builds one per message."""
-    from flwr.app import ConfigRecord, Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.app import ConfigRecord
 
     import clients.client_app as CA
-    from lte_fed.placement import NodeInfo
-    from strategies.lte_strategy import LTEStrategy
 
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     s = spec(lte={"heads": 4, "merge_every": 2, "variant": "exact"}, train={"batch_size": 8, "steps": 2 * rounds},
              run={"engine": "flower", "out": str(tmp_path / "run")})
-    job = setup(s)
-    strategy = LTEStrategy(s, job, tmp_path / "run")
-    nodes = [100, 101]
-    for i, node in enumerate(nodes):
-        strategy.partitions.add(NodeInfo(node, i))
-
-    class Grid:
-        def get_node_ids(self):
-            return list(nodes)
-
-    contexts = {n: Context(1, n, {"partition-id": i}, RecordDict(), {}) for i, n in enumerate(nodes)}
+    grid = _TwoNodes(s, tmp_path)
+    strategy, contexts = grid.strategy, grid.contexts
     built = 0
     for rnd in range(1, rounds + 1):
         replies = []
-        for i, msg in enumerate(strategy.configure_train(rnd, None, ConfigRecord(), Grid())):
+        for i, msg in enumerate(strategy.configure_train(rnd, None, ConfigRecord(), grid)):
             msg.metadata.__dict__["_message_id"] = f"down-{rnd}-{i}"
             if not keep:
                 CA._KEPT.clear()
@@ -314,3 +325,43 @@ def test_a_slow_fault_follows_its_head_or_its_node(fault, heads, partition, rnd,
     from clients.client_app import _slow_down
 
     assert _slow_down(Spec.from_dict({"run": {"fault": fault}}), heads, partition, rnd, 0.01) == pytest.approx(slept)
+
+
+@pytest.mark.parametrize("deadline_steps", ["fit", "fixed"])
+def test_under_a_deadline_a_node_too_slow_for_t_steps_is_sent_the_steps_that_fit(tmp_path, deadline_steps):
+    """The replies say node 101 trains at 0.5 s a step (node 100 at 0.01) with 0.4 s of other
+    work. Round 1's set no pace (the server's first round includes every node's start-up);
+    after round 2's, under a 2 s deadline, `fit` sends node 101 the 2 of T=4 steps that fit in
+    0.8 of the deadline ((1.6 - 0.4) / 0.5), the ClientApp trains exactly those, and both heads
+    merge; `fixed` sends every node T."""
+    from flwr.app import ConfigRecord
+
+    import clients.client_app as CA
+
+    s = spec(lte={"heads": 2, "merge_every": 4}, train={"batch_size": 8, "steps": 12},
+             run={"engine": "flower", "out": str(tmp_path / "run"), "round_deadline": 2.0,
+                  "deadline_steps": deadline_steps})
+    grid = _TwoNodes(s, tmp_path)
+    strategy, contexts = grid.strategy, grid.contexts
+    sent_steps = []
+    for rnd in (1, 2, 3):
+        replies, steps = [], {}
+        for i, msg in enumerate(strategy.configure_train(rnd, None, ConfigRecord(), grid)):
+            msg.metadata.__dict__["_message_id"] = f"down-{rnd}-{i}"
+            steps[msg.metadata.dst_node_id] = int(msg.content["config"]["steps"])
+            reply = CA.train(msg, contexts[msg.metadata.dst_node_id])
+            reply.metadata.__dict__["_message_id"] = f"up-{rnd}-{i}"
+            for m in reply.content.metric_records.values():
+                assert int(m["steps"]) == steps[msg.metadata.dst_node_id]  # what it was sent, it trained
+                m.update({"train_s": (0.5 if msg.metadata.dst_node_id == 101 else 0.01) * int(m["steps"]),
+                          "libs_s": 0.1, "data_s": 0.1, "model_s": 0.1, "reply_s": 0.1})
+            replies.append(reply)
+        CA._KEPT.clear()
+        _, metrics = strategy.aggregate_train(rnd, replies)
+        assert metrics["merged_heads"] == 2
+        sent_steps.append(steps)
+        assert [p["steps"] for p in strategy.placement] == [steps[100], steps[101]]
+    assert sent_steps[0] == sent_steps[1] == {100: 4, 101: 4}  # nothing measured yet, then only start-up
+    assert sent_steps[2] == ({100: 4, 101: 2} if deadline_steps == "fit" else {100: 4, 101: 4})
+    # the 2 steps not sent, of 4 samples each (batch 8 over 2 heads), do not count as seen
+    assert strategy.skipped_samples == (2 * 4 if deadline_steps == "fit" else 0)
