@@ -142,6 +142,12 @@ class _Lap:
         self.watch.laps[key] = self.watch.laps.get(key, 0.0) + time.perf_counter() - self.t0
 
 
+def message_wall_s(m: dict) -> float:
+    """One message's wall time in the worker from its cost metrics: its laps and, for a process's
+    first message, the start before the handler (the imports are inside that start)."""
+    return sum(float(m.get(k, 0.0)) for k in TIME_KEYS if k != "imports_s")
+
+
 def round_costs(per_head: dict[int, dict]) -> dict[str, float]:
     """The round's row: for every cost key any head reported, its largest value over the heads
     (`client_<key>`), plus the process overhead of the slowest worker — its wall time outside
@@ -151,11 +157,9 @@ def round_costs(per_head: dict[int, dict]) -> dict[str, float]:
         vals = [float(m[key]) for m in per_head.values() if isinstance(m.get(key), (int, float))]
         if vals:
             out[f"client_{key}"] = round(max(vals), 3)
-    walls = [sum(float(m.get(k, 0.0)) for k in TIME_KEYS if k != "imports_s") for m in per_head.values()]
-    if walls:
-        slowest = max(per_head.values(), key=lambda m: sum(float(m.get(k, 0.0)) for k in TIME_KEYS
-                                                             if k != "imports_s"))
-        out["client_overhead_s"] = round(max(walls) - float(slowest.get("train_s", 0.0)), 3)
+    if per_head:
+        slowest = max(per_head.values(), key=message_wall_s)
+        out["client_overhead_s"] = round(message_wall_s(slowest) - float(slowest.get("train_s", 0.0)), 3)
     return out
 
 

@@ -83,11 +83,10 @@ def by_node(assignment: dict[int, int]) -> dict[int, list[int]]:
 def steps_that_fit(steps: int, deadline_s: float, step_s: float | None, other_s: float = 0.0,
                    share: float = 0.8) -> int:
     """How many of a round's `steps` local steps a node runs under a round deadline (`run.
-    deadline_steps=fit`): all of them unless its last answer says they would not fit, else as
-    many as fit in `share` of the deadline (the rest is slack for the messages and the jitter of
-    a shared machine), at least 1. step_s: the node's seconds per training step in its last
-    answer (None: not measured yet); other_s: the rest of its message's work then (data, model,
-    reply). A node paced down this way still trains its heads every round, on the first steps of
+    deadline_steps=fit`): all of them unless its pace says they would not fit, else as many as
+    fit in `share` of the deadline (the rest is slack for the jitter of a shared machine), at
+    least 1. step_s: the node's seconds per training step (None: not measured yet); other_s:
+    the rest of its round trip (data, model, reply, messaging). A node paced down this way still trains its heads every round, on the first steps of
     the round's data, instead of missing the deadline and being restarted."""
     if not deadline_s or step_s is None or step_s <= 0 or other_s + steps * step_s <= share * deadline_s:
         return steps

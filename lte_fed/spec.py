@@ -150,7 +150,7 @@ class RunSpec:
     partial_merge: str = "all"
     # flower engine, with run.round_deadline: what a node too slow for the deadline does. "fixed":
     # every head runs the round's T steps, and a late one is dropped and restarted; "fit": the
-    # server sends such a node fewer steps, as many as its last answer says fit in 0.8 of the
+    # server sends such a node fewer steps, as many as its recent answers say fit in 0.8 of the
     # deadline (lte_fed/placement.py steps_that_fit), so it trains every round.
     deadline_steps: str = "fixed"
     round_timeout: float = 600.0  # flower engine: seconds to wait for a round's replies

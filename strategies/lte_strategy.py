@@ -32,6 +32,7 @@ from flwr.serverapp import Grid
 from lte_fed import protocol as P
 from lte_fed import quant
 from lte_fed.convert import to_original_state
+from lte_fed.costs import message_wall_s
 from lte_fed.job import Job, lte_config
 from lte_fed.ledger import Guard, HeadLedger, RoundMerge
 from lte_fed.lora import head_scale
@@ -142,7 +143,7 @@ class LTEStrategy(RoundLoop):
 
     def _steps_for(self, node: int, steps: int) -> int:
         """The round's local steps for `node`: all T, or with run.deadline_steps=fit under a
-        deadline, what its last answer says fits (placement.steps_that_fit)."""
+        deadline, what fits at its pace (placement.steps_that_fit)."""
         if self.spec.run.deadline_steps != "fit" or not self.spec.run.round_deadline or node not in self.pace:
             return steps
         # the slowest of its last answers: on a shared machine one fast answer is not a promise
@@ -156,17 +157,19 @@ class LTEStrategy(RoundLoop):
     def _note_pace(self, reply: Message, arrival_s: float | None = None) -> None:
         """Remember a node's seconds per step and the rest of its round trip: with `arrival_s`
         (seconds from the push to its reply: an answer in time), everything but its training,
-        Flower's messaging included; else (a late answer) its message's other laps."""
+        Flower's messaging included; else (a late answer) its message's wall time outside
+        training (costs.message_wall_s)."""
         if reply.has_error():
             return
         for name, m in reply.content.metric_records.items():
             steps = int(m.get("steps", 0)) if name.startswith(P.METRICS) else 0
             if steps > 0 and "train_s" in m:
-                other = sum(float(m.get(k, 0.0)) for k in ("libs_s", "data_s", "model_s", "reply_s"))
+                train_s = float(m["train_s"])
+                other = message_wall_s(m) - train_s
                 if arrival_s is not None:
-                    other = max(other, arrival_s - float(m["train_s"]))
+                    other = max(other, arrival_s - train_s)
                 seen = self.pace.setdefault(reply.metadata.src_node_id, [])
-                seen[:] = [*seen, (float(m["train_s"]) / steps, other)][-PACE_ANSWERS:]
+                seen[:] = [*seen, (train_s / steps, other)][-PACE_ANSWERS:]
                 return
 
     def heard_late(self, replies: list) -> None:
