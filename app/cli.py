@@ -17,7 +17,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from lte_fed.rundir import RunDir
+from lte_fed.rundir import RunDir, claimed
 from lte_fed.spec import ERROR_PREFIX, Spec, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
@@ -30,14 +30,16 @@ REFERENCE_PATH = Path(__file__).with_name("reference.json")
 
 
 def run_job(spec: Spec, out: str | Path) -> dict:
-    """Run one job with the engine the spec names; returns its summary."""
-    if spec.run.engine == "fused":
-        from lte_fed.engine import run_fused
+    """Run one job with the engine the spec names, holding its run dir (`rundir.claimed`: no
+    second run writes there meanwhile, and no new run over a finished one); returns its summary."""
+    with claimed(out, spec.run.resume):
+        if spec.run.engine == "fused":
+            from lte_fed.engine import run_fused
 
-        return run_fused(spec, out)
-    from strategies.simulation import run_flower  # the Flower side: imported only when used
+            return run_fused(spec, out)
+        from strategies.simulation import run_flower  # the Flower side: imported only when used
 
-    return run_flower(spec, out)
+        return run_flower(spec, out)
 
 
 def report(summary: dict, out: str | Path) -> str:

@@ -36,7 +36,7 @@ def job_config(out: Path, *, method: str, nodes: int, rounds: int, quick: bool) 
     model = "vit_small" if quick else "vit_base"
     return {"method": method, "data.name": "synthetic", "data.synthetic_size": 64, "model.name": model,
             "model.img_size": img, "model.patch_size": 32, "quant.base": "nf4", "lte.heads": nodes,
-            "lte.rank": 64, "lte.alpha": 4096.0, "lte.merge_every": 2, "train.batch_size": 8 * nodes,
+            "lte.rank": 64, "lte.alpha": 128.0, "lte.merge_every": 2, "train.batch_size": 8 * nodes,
             "train.steps": 2 * rounds, "train.warmup": 1, "train.eval_batch": 64, "run.device": "cpu",
             "run.out": str(out), "run.checkpoint_every": 100}
 
@@ -95,8 +95,14 @@ def idle_rss_mib(out: Path) -> float:
     return max((float(n["idle_rss_mib"]) for n in nodes), default=0.0)
 
 
-def deployed(tmp: Path, nodes: int, jobs: dict[str, dict]) -> dict[str, list[dict]]:
-    """Run each job through one fresh loopback deployment; its rows per job name."""
+FLOOR_APP = ROOT / "benchmarks" / "flower_floor"
+
+
+def deployed(tmp: Path, nodes: int, jobs: dict[str, dict], floor_rounds: int = 3) -> dict[str, list]:
+    """Run each job through one fresh loopback deployment; its rows per job name. Then, on the
+    same deployment, Flower's own round: the no-op app (benchmarks/flower_floor) sending and
+    returning as many bytes per node as the first job's last round did; its round times under
+    "flower"."""
     from deploy.loopback import Deployment, make_credentials
 
     creds = make_credentials(tmp / "creds", nodes, strangers=0)
@@ -105,16 +111,24 @@ def deployed(tmp: Path, nodes: int, jobs: dict[str, dict]) -> dict[str, list[dic
     try:
         d.start()
         for name, cfg in jobs.items():
-            log = tmp / f"{name}.log"
-            proc = d.run(run_config(cfg), log)
-            if proc.wait(timeout=3600) != 0:
-                raise RuntimeError(f"flwr run {name} failed:\n{log.read_text()[-3000:]}")
+            _deploy_run(d, tmp, name, run_config(cfg))
             out[name] = rounds_of(Path(cfg["run.out"]))
+        last = out[next(iter(jobs))][-1]
+        floor = {"rounds": floor_rounds, "nodes": nodes, "out": str(tmp / "flower-floor.json"), "arrays": 1,
+                 "values": int(last["bytes_up"]) // nodes // 4, "down_values": int(last["bytes_down"]) // nodes // 4}
+        _deploy_run(d, tmp, "flower-floor", run_config(floor), FLOOR_APP)
+        out["flower"] = json.loads(Path(floor["out"]).read_text())
     finally:
         leftovers, ports = d.stop()
     if leftovers or ports:
         raise RuntimeError(f"the deployment left processes {leftovers} or ports {ports} behind")
     return out
+
+
+def _deploy_run(d, tmp: Path, name: str, config: str, app: Path = ROOT) -> None:
+    log = tmp / f"{name}.log"
+    if d.run(config, log, app).wait(timeout=3600) != 0:
+        raise RuntimeError(f"flwr run {name} failed:\n{log.read_text()[-3000:]}")
 
 
 def cli_run(cfg: dict, engine: str, nodes: int) -> list[dict]:
@@ -172,6 +186,9 @@ def main(a) -> dict:
         "deployment": trim(dep["lte"]), "deployment_fedavg": trim(dep["fedavg"]),
         "simulation": trim(sim), "fused": trim(fused),
         "overhead_s": overhead, "overhead_over_floor": [o / statistics.median(floor) for o in overhead],
+        # Flower's own deployed round (no-op app, same bytes, same nodes) and what is left of ours
+        "flower_round_s": dep["flower"], "flower_round_median_s": statistics.median(dep["flower"]),
+        "overhead_beyond_flower_s": [o - statistics.median(dep["flower"]) for o in overhead],
         "memory": {"lte_peak_mib": lte_peak, "fedavg_peak_mib": full_peak, "floor_mib": floor_rss,
                    "app_import_mib": app_rss,
                    "lte_above_floor_mib": lte_peak - floor_rss, "fedavg_above_floor_mib": full_peak - floor_rss,

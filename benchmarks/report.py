@@ -169,6 +169,13 @@ def deploy_md(d: dict) -> list[str]:
             L.append(f"| {name} | {r['round']} | {r['round_s']:.2f} | {'—' if train is None else f'{train:.2f}'} | "
                      f"{'—' if over is None else f'{over:.2f}'} | {'—' if over is None else f'{over / floor:.2f}'} | "
                      + " | ".join(cells) + f" | {r.get('client_rss_peak_mib', '—')} | {r.get('client_rss_entry_mib', '—')} |")
+    if d.get("flower_round_s"):
+        flower = d["flower_round_median_s"]
+        L += ["", f"Flower's own deployed round, the same deployment with the no-op app (benchmarks/flower_floor: "
+              f"a fresh `flwr-clientapp` per message, as many bytes each way as the LTE job's last round, "
+              f"median of {len(d['flower_round_s'])} rounds): **{flower:.2f} s** ({flower / floor:.2f}× the floor). "
+              "The LTE job's overhead beyond it, per warm round: "
+              + ", ".join(f"{o:.2f} s ({o / floor:.2f}× the floor)" for o in d["overhead_beyond_flower_s"]) + "."]
     m = d["memory"]
     L += ["", "Peak memory of one ClientApp process (VmHWM in its reply), above the import floor "
           f"(a process that imports the ClientApp and the job's libraries: {m['floor_mib']:.0f} MiB; the ClientApp "

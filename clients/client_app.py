@@ -179,8 +179,11 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
                              state_round) for i, h in enumerate(heads)]
         cuts = [model.head_cuts(i) for i in range(len(heads))]
         load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
+        # the state files' tensors are views of one buffer per file: keep copies of the residuals
+        # only, so the files' moments (a second set of AdamW state) do not live through training
+        resids = [{k: t.clone() for k, t in r.items()} for _, r in loaded]
         model.load_replicas(replicas)
-        del replicas, restore
+        del replicas, restore, loaded
         _drop_arrays(msg, P.BASE, P.REPLICAS, P.RESTORE)
         # a compressed uplink sends each head's change over the round (fp32 sends the head itself)
         began = [{k: t.clone() for k, t in model.head_state(i).items()} if spec.comm.up != "fp32" else {}
@@ -200,7 +203,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     with watch("reply"):
         payloads = []
         for i, store in enumerate(stores):
-            payload, resid = _uplink_payload(spec.comm.up, model.head_state(i), began[i], loaded[i][1])
+            payload, resid = _uplink_payload(spec.comm.up, model.head_state(i), began[i], resids[i])
             store.save(P.wire(model.head_state(i, with_corr=True)), head_optimizer_state(opt, i, cuts[i]), rnd,
                        keep_from, resid=resid)
             payloads.append(payload)

@@ -187,10 +187,11 @@ class Deployment:
             assert not wait_gone(kill_tree(self.pid(f"supernode_{i}"), signal.SIGTERM), 30)
             self.start_node(i, capacity.get(i, ""))
 
-    def run(self, run_config: str, log: Path) -> subprocess.Popen:
-        """`flwr run REPO FEDERATION --stream`, in the background, its output in `log`."""
+    def run(self, run_config: str, log: Path, app: Path = REPO) -> subprocess.Popen:
+        """`flwr run APP FEDERATION --stream` (APP: this repository's app unless given), in the
+        background, its output in `log`."""
         with open(log, "w") as f:
-            return self.popen([BIN / "flwr", "run", REPO, self.federation, "--stream", "--run-config", run_config],
+            return self.popen([BIN / "flwr", "run", app, self.federation, "--stream", "--run-config", run_config],
                               stdout=f, stderr=subprocess.STDOUT)
 
     # -- stopping

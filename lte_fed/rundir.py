@@ -15,6 +15,7 @@ by someone else can be resumed from safely. JSON never holds a bare NaN (it beco
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +34,7 @@ EVAL_FIELDS = (("test_loss", "test_acc"), ("val_loss", "perplexity", "tokens"))
 
 CHECKPOINT = "checkpoint.safetensors"
 CLIENT_STATE = "client-state"
+LOCK = ".lock"  # held (flock) by the process that runs into the dir, for as long as it runs
 _META_KEY = "lte-fed"
 
 # Spec keys that may differ between a run and its resumption: none changes the math.
@@ -162,6 +164,42 @@ class RunDir:
         if src.resolve() == dst.resolve() or not src.is_dir():
             return
         shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def run_record(path: str | os.PathLike) -> list[str]:
+    """The files that make `path` a run's record (its history, checkpoint or model); [] for a
+    dir that holds none (new, empty, or left by a run that failed before its first merge)."""
+    path = Path(path)
+    names = [n for n in ("metrics.jsonl", CHECKPOINT, "model.safetensors") if (path / n).exists()]
+    return [n for n in names if n != "metrics.jsonl" or (path / n).stat().st_size > 0]
+
+
+def check_fresh(out: str | os.PathLike, resume: str | None) -> None:
+    """SpecError if `out` already holds a run that this one is not continuing in place: a new
+    run would append its history to the old one's and overwrite its model (nothing is lost
+    by refusing; the user picks another dir or resumes)."""
+    found = run_record(out)
+    if found and not (resume and Path(resume).resolve() == Path(out).resolve()):
+        raise SpecError(f"run.out: {out} already holds a run ({', '.join(found)}); choose another run.out, "
+                        f"or continue that run with run.resume={Path(out).resolve()}")
+
+
+@contextlib.contextmanager
+def claimed(out: str | os.PathLike, resume: str | None):
+    """Hold `out` for one run: refuse a dir another live run holds (its lock) or one that holds
+    a finished or stopped run this one does not resume in place (`check_fresh`)."""
+    import fcntl
+
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecError(f"run.out: {out} is in use by another run (it holds {path / LOCK}); "
+                            "wait for it to end or choose another run.out") from None
+        check_fresh(path, resume)
+        yield path  # the lock goes with the file's close
 
 
 def open_resume(spec) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:

@@ -118,6 +118,8 @@ class RoundLoop(Strategy):
             self.eval_model.load_state_dict(self.plain_state())
             write_sample(self.dir, self.eval_model, self.job)
         rows = self.dir.read_metrics()
+        if rows and not any(r.get("merged_heads") for r in rows):
+            log.error("no round merged any head: the model is untrained (each round's reasons are above)")
         # LTE: which node (partition-id) trained which heads at which rank in the last round
         # (every round's is in its metrics row)
         extra = {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}

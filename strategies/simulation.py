@@ -58,6 +58,10 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
             _stop(launcher)
     summary = rundir.path / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= started:  # this run's, not an earlier one's
+        rows = rundir.read_metrics()
+        if rows and not any(r.get("merged_heads") for r in rows):  # a run that trained nothing is no result
+            raise ReportedError(f"no round merged any head ({len(rows)} rounds): the model is untrained; the "
+                                f"workers' errors are in {log_path}{_last_traceback(log_path)}")
         return rundir.read_summary()
     reported = _reported_error(log_path, log_start)
     if reported:

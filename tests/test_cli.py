@@ -105,6 +105,14 @@ def test_an_error_only_the_server_app_sees_is_one_line(tmp_path):
     assert "Traceback" not in flower_log and flower_log.count("lte-fed: error:") == 1, flower_log[-3000:]
 
 
+def test_a_flower_run_that_merged_no_head_fails_and_says_so(tmp_path):
+    """Every reply rejected (its one head sends NaN in its one round): no result, exit 2."""
+    r = lte_fed(*FLOWER, "lte.heads=1", "train.batch_size=8", "train.steps=3", "run.fault=nan:0:1",
+                f"run.out={tmp_path / 'run'}", cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "lte-fed: error: no round merged any head (1 rounds)" in r.stderr, r.stderr[-3000:]
+
+
 def test_ctrl_c_stops_a_flower_run_and_says_how_to_resume(tmp_path):
     out, tag = tmp_path / "run", uuid.uuid4().hex
     p = lte_fed_started(*FLOWER, "train.steps=600", f"run.out={out}", cwd=tmp_path, tag=tag)

@@ -101,6 +101,38 @@ def test_resume_refuses_another_job_in_one_line(tmp_path, change, key):
     assert f"run.resume: {key}" in p.stderr
 
 
+def test_a_new_run_into_a_dir_holding_a_run_is_refused_and_the_old_run_kept(tmp_path):
+    """Without run.resume, a run dir that holds a run's history is not appended to; resuming it in
+    place is what continues it."""
+    args = job("fused", "lte", 4)
+    assert lte_fed(args, tmp_path / "a", tmp_path / "a.log").wait(timeout=300) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    p = subprocess.run([str(BIN / "lte-fed"), *job("fused", "lte", 2), f"run.out={tmp_path / 'a'}"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert f"run.out: {tmp_path / 'a'} already holds a run" in p.stderr and "run.resume=" in p.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+    again = lte_fed([*args, f"run.resume={tmp_path / 'a'}"], tmp_path / "a", tmp_path / "a2.log")
+    assert again.wait(timeout=300) == 0, (tmp_path / "a2.log").read_text()[-3000:]
+    assert [r["round"] for r in RunDir(tmp_path / "a").read_metrics()] == [1, 2]
+
+
+def test_a_run_dir_in_use_is_refused_to_a_second_run(tmp_path):
+    from lte_fed.rundir import claimed
+    from lte_fed.spec import SpecError
+
+    with claimed(tmp_path / "a", None):
+        with pytest.raises(SpecError, match="is in use by another run"):
+            with claimed(tmp_path / "a", None):
+                pass
+        (tmp_path / "a" / "metrics.jsonl").write_text('{"round": 1}\n')
+    with pytest.raises(SpecError, match="already holds a run"):  # free again, but it holds a run now
+        with claimed(tmp_path / "a", None):
+            pass
+    with claimed(tmp_path / "a", str(tmp_path / "a")):  # resumed in place
+        pass
+
+
 def test_a_checkpoint_is_never_unpickled(tmp_path):
     """A checkpoint file that is a pickle (or anything but our safetensors) is refused, unread."""
     import pickle
