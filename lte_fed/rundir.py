@@ -166,6 +166,11 @@ class RunDir:
         shutil.copytree(src, dst, dirs_exist_ok=True)
 
 
+def merged_nothing(rows: list[dict[str, Any]]) -> bool:
+    """Whether a run's metrics rows show rounds and not one merged head (an untrained model)."""
+    return bool(rows) and not any(r.get("merged_heads") for r in rows)
+
+
 def run_record(path: str | os.PathLike) -> list[str]:
     """The files that make `path` a run's record (its history, checkpoint or model); [] for a
     dir that holds none (new, empty, or left by a run that failed before its first merge)."""

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy.result import Result
 from lte_fed.costs import round_costs
 from lte_fed.engine import build_summary, write_sample
 from lte_fed.job import Job, progress
-from lte_fed.rundir import RunDir
+from lte_fed.rundir import RunDir, merged_nothing
 from lte_fed.spec import Spec
 from lte_fed.train import evaluate, headline
 
@@ -118,7 +118,7 @@ class RoundLoop(Strategy):
             self.eval_model.load_state_dict(self.plain_state())
             write_sample(self.dir, self.eval_model, self.job)
         rows = self.dir.read_metrics()
-        if rows and not any(r.get("merged_heads") for r in rows):
+        if merged_nothing(rows):
             log.error("no round merged any head: the model is untrained (each round's reasons are above)")
         # LTE: which node (partition-id) trained which heads at which rank in the last round
         # (every round's is in its metrics row)

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from lte_fed.rundir import RunDir
+from lte_fed.rundir import RunDir, merged_nothing
 from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, parse_fleet, toml_lines,
                           validate)
 
@@ -59,7 +59,7 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     summary = rundir.path / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= started:  # this run's, not an earlier one's
         rows = rundir.read_metrics()
-        if rows and not any(r.get("merged_heads") for r in rows):  # a run that trained nothing is no result
+        if merged_nothing(rows):  # a run that trained nothing is no result
             raise ReportedError(f"no round merged any head ({len(rows)} rounds): the model is untrained; the "
                                 f"workers' errors are in {log_path}{_last_traceback(log_path)}")
         return rundir.read_summary()
