@@ -52,14 +52,15 @@ def report(summary: dict, out: str | Path) -> str:
     name = f"{cfg['method']} ({cfg['run']['engine']})"
     if cfg["method"] != "full":
         name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
-    lines.append(f"| {name:<28} | {fin['test_acc']:8.2f} | {fin['test_loss']:9.4f} | {tot['samples']:7d} | "
-                 f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |")
+    lines.append(f"| {name:<28} | {_num(fin['test_acc'], '8.2f')} | {_num(fin['test_loss'], '9.4f')} | "
+                 f"{tot['samples']:7d} | {tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |")
     ref = reference_for(cfg)
     if ref:
         lines.append(f"| {'full (stored reference)':<28} | {ref['test_acc']:8.2f} | {ref['test_loss']:9.4f} | "
                      f"{ref['samples']:7d} | {ref['steps']:10d} | {'-':>11} |")
         lines.append("")
-        lines.append(f"accuracy vs full: {fin['test_acc'] - ref['test_acc']:+.2f} points; "
+        gap = None if fin["test_acc"] is None else fin["test_acc"] - ref["test_acc"]
+        lines.append(f"accuracy vs full: {_num(gap, '+.2f')} points; "
                      f"samples: {tot['samples'] / max(ref['samples'], 1):.2f}x full's")
     return "\n".join(lines)
 
@@ -72,7 +73,7 @@ def _report_text(summary: dict, out: str | Path) -> str:
     return "\n".join([
         f"run dir: {out}", "", f"| {'run':<28} | val loss | perplexity | tokens     | sync steps | bytes moved |",
         f"|{'-' * 30}|----------|------------|------------|------------|-------------|",
-        f"| {name:<28} | {fin['val_loss']:8.4f} | {fin['perplexity']:10.3f} | {tot['tokens']:10d} | "
+        f"| {name:<28} | {_num(fin['val_loss'], '8.4f')} | {_num(fin['perplexity'], '10.3f')} | {tot['tokens']:10d} | "
         f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |",
         "", f"sample of generated text: {Path(out) / 'sample.txt'}"])
 
@@ -82,6 +83,11 @@ def reference_for(cfg: dict) -> dict | None:
         return None
     refs = json.loads(REFERENCE_PATH.read_text())
     return refs.get(f"{cfg['data']['name']}/{cfg['model']['name']}")
+
+
+def _num(v: float | None, fmt: str) -> str:
+    """`v` formatted, or "nan" padded to the same width (a non-finite value is stored as null)."""
+    return format(v, fmt) if v is not None else format("nan", f">{fmt.split('.')[0].lstrip('+') or 0}")
 
 
 def _bytes(n: float) -> str:

@@ -42,8 +42,8 @@ def _check(ap: argparse.ArgumentParser, args) -> None:
     for name in ("rank", "heads", "batch", "img_size"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if not args.device_gb > 0:
-        ap.error(f"--device-gb must be > 0, got {args.device_gb}")
+    if not 0 < args.device_gb < float("inf"):  # nan fails too
+        ap.error(f"--device-gb must be a finite number > 0, got {args.device_gb}")
 
 
 def table(lte: dict[str, int], full: dict[str, int]) -> str:

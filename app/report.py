@@ -93,9 +93,14 @@ def _hydra_config(path: Path) -> dict[str, Any]:
     f = path / ".hydra" / "config.yaml"
     if not f.exists():
         return {}
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
-    cfg = OmegaConf.load(f)
+    try:
+        cfg = OmegaConf.load(f)
+    except Exception:  # noqa: BLE001 -- a damaged record: the run is still listed, without its config
+        return {}
+    if not isinstance(cfg, DictConfig):
+        return {}
     try:
         return OmegaConf.to_container(cfg, resolve=True)
     except Exception:  # an interpolation that only resolves inside Hydra
@@ -107,11 +112,13 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not f.exists():
         return []
     rows = []
-    for line in f.read_text().splitlines():
+    for line in f.read_text(errors="replace").splitlines():
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written as we read
-            pass
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written as we read, or a damaged one
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -124,8 +131,11 @@ def load_run(path: Path, root: Path) -> Run:
                    error="no summary.json (running, or killed)")
     try:
         summary = json.loads(summary_file.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows, error=f"unreadable summary.json: {e}")
+    if not (isinstance(summary, dict) and all(isinstance(summary.get(k, {}), dict) for k in ("config", "final", "totals"))):
+        return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows,
+                   error="summary.json is not an lte-fed summary")
     if summary.get("failed"):
         return Run(path, name, "failed", flatten(_hydra_config(path)), summary, rows,
                    error=str(summary.get("error", "unknown error")))
@@ -168,6 +178,8 @@ def _fmt(key: str, v: Any) -> str:
         return ""
     if isinstance(v, float) and math.isnan(v):
         return "nan"
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return str(v)  # a string or list where a number belongs (a hand-edited summary): shown as it is
     if key in ("bytes_up", "bytes_down"):
         return _bytes(v)
     if key in ("test_acc", "best_test_acc"):
@@ -262,18 +274,23 @@ def _styles(runs: list[Run], plt) -> dict[str, dict[str, Any]]:
     return styles
 
 
+def _plottable(row: dict[str, Any], need: tuple[str, ...]) -> bool:
+    """Whether a metrics row has every `need` as a number (a diverged value is stored as null)."""
+    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in need)
+
+
 def _plot_curves(runs: list[Run], keys: list[str], path: Path, *, metric: str, progress: str,
                  ylabel: str, progress_label: str, title: str) -> bool:
     """`metric` against sync steps (log) and against `progress` (samples or tokens), one line a run."""
     need = ("round", "step", progress, metric)
-    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
+    runs = [r for r in runs if any(_plottable(x, need) for x in r.rows)]
     if not runs:
         return False
     plt = _plt()
     styles = _styles(runs, plt)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
     for r in runs:
-        rows = [x for x in r.rows if all(k in x for k in need)]
+        rows = [x for x in r.rows if _plottable(x, need)]
         kw = styles[r.name] | {"label": label(r, keys)}
         axes[0].plot([sync_steps(r, x) for x in rows], [x[metric] for x in rows], **kw)
         axes[1].plot([x[progress] for x in rows], [x[metric] for x in rows], **kw)
@@ -307,14 +324,14 @@ def plot_loss(runs: list[Run], keys: list[str], path: Path) -> bool:
 
 def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
     need = ("samples", "head_cosine", "head_grassmann")
-    runs = [r for r in runs if any(all(k in x for k in need) for x in r.rows)]
+    runs = [r for r in runs if any(_plottable(x, need) for x in r.rows)]
     if not runs:
         return False
     plt = _plt()
     styles = _styles(runs, plt)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for r in runs:
-        rows = [x for x in r.rows if all(k in x for k in need)]
+        rows = [x for x in r.rows if _plottable(x, need)]
         kw = styles[r.name] | {"label": label(r, keys)}
         axes[0].plot([x["samples"] for x in rows], [x["head_cosine"] for x in rows], **kw)
         axes[1].plot([x["samples"] for x in rows], [x["head_grassmann"] for x in rows], **kw)
@@ -337,6 +354,8 @@ def make_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, P
     if not root.is_dir():
         raise ReportError(f"{root}: no such directory")
     out = Path(out) if out else root / "report"
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"--out {out}: exists and is not a directory")
     runs = find_runs(root, exclude=out.resolve() if out.resolve() != root.resolve() else None)
     if not runs:
         raise ReportError(f"{root}: no runs found (a run is a directory with summary.json)")

@@ -22,6 +22,7 @@ _IMPORT_T0 = time.perf_counter()  # the module's own imports are part of a messa
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import logging  # noqa: E402
+import math  # noqa: E402
 from functools import lru_cache  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -78,7 +79,8 @@ def node_capacity(node_config) -> dict:
     """What this node tells the server (node ids are random per run): its partition-id (the
     order nodes are filled in) and what it declares it can carry: `heads`, `rank`, `memory-gb`
     (0 where not declared)."""
-    out = {"partition-id": int(_need(node_config, "partition-id", "node config"))}
+    _need(node_config, "partition-id", "node config")
+    out = {"partition-id": node_number(node_config, "partition-id")}
     for key, kind in (("heads", int), ("rank", int), ("memory-gb", float)):
         out[key] = node_number(node_config, key, kind)
     return out
@@ -90,8 +92,13 @@ def node_number(node_config, key: str, kind: type = int, default: float = 0, mos
     value = node_config.get(key, default)
     try:
         number = kind(value)
-    except (TypeError, ValueError):
+        whole = kind is not int or float(value) == number  # int(2.5) would be 2, silently
+    except (TypeError, ValueError, OverflowError):
         raise ClientConfigError(f"node config {key}={value!r} is not a number") from None
+    if not whole:
+        raise ClientConfigError(f"node config {key}={value!r} is not a whole number")
+    if not math.isfinite(number):
+        raise ClientConfigError(f"node config {key}={value!r} is not a finite number")
     if number < 0 or most is not None and number > most:
         bounds = ">= 0" if most is None else f"in [0, {most}]"
         raise ClientConfigError(f"node config {key}={value!r} must be {bounds}")

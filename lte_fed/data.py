@@ -182,11 +182,28 @@ def _read_images(ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.empty((len(ds.samples), size, size, 3), dtype=np.uint8)
     for i, (path, _) in enumerate(ds.samples):  # decoding is per file anyway
         try:
-            img = ds.loader(path)  # RGB
-        except OSError as e:
+            img = _rgb(path)
+        except Image.DecompressionBombError as e:
+            raise DataError(f"{path}: larger than Pillow's safety limit for one image ({e}); shrink it, or raise "
+                            "PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
+        except (OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise all three on bad files
             raise DataError(f"{path}: not a readable image ({e})") from None
         x[i] = np.asarray(ImageOps.fit(img, (size, size), Image.BILINEAR))
     return torch.from_numpy(x).permute(0, 3, 1, 2), torch.tensor(ds.targets, dtype=torch.int64)
+
+
+def _rgb(path: str):
+    """The image at `path` as 8-bit RGB. 16-bit images (PNG, TIFF) are scaled down to 8 bits:
+    Pillow's own conversion would clip every value over 255, making most of the image white."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):  # "I;16*" (16-bit) or "I" (32-bit ints, how 16-bit PNGs often open)
+            a = np.asarray(img).astype(np.int64)
+            if img.mode.startswith("I;16") or a.max() > 255:
+                a = a.clip(0, 65535) // 257
+            return Image.fromarray(a.clip(0, 255).astype(np.uint8)).convert("RGB")
+        return img.convert("RGB")
 
 
 def _synthetic(n: int, size: int, seed: int, classes: int = 10, chans: int = 3) -> ImageData:
@@ -218,14 +235,15 @@ def partition(labels: torch.Tensor, num_shards: int, method: str = "iid", alpha:
     """
     n = len(labels)
     if num_shards < 1 or num_shards > n:
-        raise ValueError(f"cannot split {n} samples into {num_shards} non-empty shards (lte.heads)")
+        raise DataError(f"lte.heads={num_shards}: cannot split the {n} training samples into {num_shards} non-empty "
+                        "shards (use fewer heads or more data)")
     if method == "iid":
         perm = torch.randperm(n, generator=torch_generator(seed, SPLIT, 2, num_shards))
         return [s.sort().values for s in torch.tensor_split(perm, num_shards)]
     if method != "dirichlet":
-        raise ValueError(f"data.partition={method!r} is unknown; choose iid or dirichlet")
+        raise DataError(f"data.partition={method!r} is unknown; choose iid or dirichlet")
     if not alpha > 0:
-        raise ValueError(f"data.alpha must be > 0 for data.partition=dirichlet, got {alpha}")
+        raise DataError(f"data.alpha must be > 0 for data.partition=dirichlet, got {alpha}")
     rng = np.random.default_rng(derive_seed(seed, SPLIT, 2, num_shards))
     y = labels.cpu().numpy()
     shards: list[list[int]] = [[] for _ in range(num_shards)]

@@ -26,8 +26,8 @@ from .lte import StackedLTE, accounting
 from .outer import OuterOptimizer, outer_config
 from .uplink import FusedUplink
 from .uplink import payload_bytes as uplink_bytes
-from .rundir import RunDir, open_resume
-from .spec import Spec, SpecError
+from .rundir import RunDir, check_tensors_fit, checkpoint_meta, diverged, open_resume, restoring
+from .spec import Spec, SpecError, TrainingDiverged
 from .train import (autocast, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
                     optimizer_step, optimizer_tensors, prefixed, token_loss, unprefixed)
 
@@ -137,8 +137,8 @@ class FusedRun:
                "bytes_up": self.bytes_up * s.heads, "bytes_down": self.bytes_down * s.heads,
                "wall_s": round(self.wall, 3), "lr": lr_at(self.step - 1, s.lr, s.train.warmup, s.train.steps), **row}
         self.dir.append_metrics(row)
-        if self.round % s.run.checkpoint_every == 0 or self.step >= s.train.steps:
-            self.save_checkpoint()
+        if (self.round % s.run.checkpoint_every == 0 or self.step >= s.train.steps) and not diverged(row):
+            self.save_checkpoint()  # never over the last finite state with a NaN one
         return row
 
     def alignment(self) -> dict[str, float]:
@@ -158,20 +158,21 @@ class FusedRun:
             tensors |= prefixed("outer", self.outer.tensors()) | prefixed("anchor", self.anchors)
         if self.uplink is not None:
             tensors |= prefixed("uplink", self.uplink.tensors())
-        self.dir.save_checkpoint(tensors, {"spec": self.spec.to_dict(), "step": self.step, "round": self.round,
-                                           "wall_s": self.wall})
+        self.dir.save_checkpoint(tensors, checkpoint_meta(self.job, step=self.step, round=self.round, wall_s=self.wall))
 
     def resume(self) -> None:
         """Continue from the checkpoint in `run.resume`, into this run's directory (any)."""
-        src, tensors, meta = open_resume(self.spec)
-        self.model.load_state_dict(unprefixed("model", tensors))
-        load_optimizer_tensors(self.opt, unprefixed("opt", tensors))
-        if self.outer is not None:
-            self.outer.load(unprefixed("outer", tensors))
-            self.anchors = unprefixed("anchor", tensors)
-        if self.uplink is not None:
-            self.uplink.load(unprefixed("uplink", tensors))
-        self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
+        src, tensors, meta = open_resume(self.job)
+        check_tensors_fit(unprefixed("model", tensors), self.model.state_dict(), src, "model")
+        with restoring(src):
+            self.model.load_state_dict(unprefixed("model", tensors))
+            load_optimizer_tensors(self.opt, unprefixed("opt", tensors))
+            if self.outer is not None:
+                self.outer.load(unprefixed("outer", tensors))
+                self.anchors = unprefixed("anchor", tensors)
+            if self.uplink is not None:
+                self.uplink.load(unprefixed("uplink", tensors))
+            self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
         self.dir.adopt_history(src, self.round)
 
     # --- the whole run
@@ -190,6 +191,9 @@ class FusedRun:
                 losses.append(self.train_step())
                 bar.update(1)
             row = self.end_round(losses, started)
+            if why := diverged(row):
+                bar.close()
+                raise TrainingDiverged(f"{why} (metrics: {self.dir.metrics_path})")
             ev = {"val": f"{row['val_loss']:.3f}"} if "val_loss" in row else {"acc": f"{row['test_acc']:.1f}"}
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", **ev,
                             samples_s=f"{row['samples'] / max(row['wall_s'], 1e-9):.0f}")

@@ -8,6 +8,9 @@ same job from the same spec.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+import json
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +39,18 @@ class Job:
     @property
     def is_text(self) -> bool:
         return isinstance(self.data, T.TextData)
+
+    @functools.cached_property
+    def data_id(self) -> str:
+        """A hash of the data as trained on (tokens and vocabulary, or images and labels): a
+        checkpoint records it, so a run resumes only on the same data, wherever it now lives."""
+        d = self.data
+        parts = [d.train, d.doc_bounds, d.val] if self.is_text else [d.train_x, d.train_y, d.test_x, d.test_y]
+        h = hashlib.blake2b(json.dumps(describe(self), sort_keys=True).encode(), digest_size=16)
+        for t in parts:
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()
 
 
 def setup(spec: Spec, *, data: D.ImageData | T.TextData | None = None, skeleton: bool = False) -> Job:

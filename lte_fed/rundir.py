@@ -38,8 +38,10 @@ LOCK = ".lock"  # held (flock) by the process that runs into the dir, for as lon
 _META_KEY = "lte-fed"
 
 # Spec keys that may differ between a run and its resumption: none changes the math.
+# data.root and data.download: where the data lives (a checkpoint checks the data by content, `open_resume`).
 RESUME_FREE = {("run", k) for k in ("resume", "out", "progress", "verbose", "device", "round_timeout", "fault",
-                                    "checkpoint_every", "client_cpus", "client_gpus", "sample_tokens")} | {("train", "eval_batch")}
+                                    "checkpoint_every", "client_cpus", "client_gpus", "sample_tokens")} | {
+    ("train", "eval_batch"), ("data", "root"), ("data", "download")}
 
 
 def jsonable(obj: Any) -> Any:
@@ -94,13 +96,34 @@ class RunDir:
             missing += [" or ".join("/".join(keys) for keys in EVAL_FIELDS)]
         if missing:
             raise ValueError(f"metrics row lacks {missing}")
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(jsonable(row), allow_nan=False) + "\n")
+        with open(self.metrics_path, "a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # a line torn by a killed run stays on its own line, not glued to this one
+            f.write((json.dumps(jsonable(row), allow_nan=False) + "\n").encode())
 
     def read_metrics(self) -> list[dict[str, Any]]:
+        """The rows, in order. A last line cut short (the run was killed while appending it,
+        before its checkpoint) is left out; any other bad line is an error naming it."""
         if not self.metrics_path.exists():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        text = self.metrics_path.read_text()
+        lines = text.splitlines()
+        rows = []
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                if i == len(lines) and not text.endswith("\n"):
+                    break  # torn by a kill mid-append
+                raise SpecError(f"{self.metrics_path} line {i} is not JSON ({e}): the run's history is damaged") from None
+            if not (isinstance(row, dict) and isinstance(row.get("round"), int)):
+                raise SpecError(f"{self.metrics_path} line {i} is not a metrics row (an object with an integer "
+                                f"round): {line[:80]!r}")
+            rows.append(row)
+        return rows
 
     def adopt_history(self, source: "RunDir", last_round: int) -> None:
         """On resume: this run's history is `source`'s up to the checkpoint we resume from (rows
@@ -152,6 +175,12 @@ class RunDir:
         except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: say so, in one line
             raise SpecError(f"run.resume: {self.checkpoint_path} is not a readable lte-fed checkpoint "
                             f"({type(e).__name__}: {e})") from None
+        counters_ok = isinstance(meta, dict) and all(
+            isinstance(meta.get(k), int) and not isinstance(meta[k], bool) and meta[k] >= 0
+            for k in ("round", "step") if k in meta or k == "round")
+        if not (counters_ok and isinstance(meta.get("wall_s"), (int, float)) and isinstance(meta.get("spec"), dict)):
+            raise SpecError(f"run.resume: {self.checkpoint_path}'s metadata is damaged (it needs round and step "
+                            "as integers >= 0, wall_s and spec)")
         return tensors, meta
 
     def client_state_dir(self) -> Path:
@@ -169,6 +198,17 @@ class RunDir:
 def merged_nothing(rows: list[dict[str, Any]]) -> bool:
     """Whether a run's metrics rows show rounds and not one merged head (an untrained model)."""
     return bool(rows) and not any(r.get("merged_heads") for r in rows)
+
+
+def diverged(row: dict[str, Any]) -> str | None:
+    """Why a metrics row shows a diverged model (its evaluation loss is not finite: NaN is
+    stored as null), or None. Both engines stop there: every later step would train on NaN."""
+    key = "val_loss" if "val_loss" in row else "test_loss"
+    value = row.get(key)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return None
+    return (f"training diverged: after round {row.get('round')} (step {row.get('step')}) the merged model's {key} "
+            f"is {'nan' if value is None else value}; lower train.lr or lte.alpha, or lengthen train.warmup")
 
 
 def run_record(path: str | os.PathLike) -> list[str]:
@@ -207,9 +247,42 @@ def claimed(out: str | os.PathLike, resume: str | None):
         yield path  # the lock goes with the file's close
 
 
-def open_resume(spec) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
-    """The run dir `spec.run.resume` names, its checkpoint, checked against `spec`."""
-    src = RunDir.existing(spec.run.resume)
+def check_tensors_fit(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], src: RunDir, what: str) -> None:
+    """SpecError unless the checkpoint's `saved` tensors have exactly `expected`'s names and shapes."""
+    if saved.keys() != expected.keys():
+        odd = sorted(saved.keys() ^ expected.keys())
+        raise SpecError(f"run.resume: the checkpoint in {src.path} holds another {what} (tensors differ: "
+                        f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''})")
+    for k, t in expected.items():
+        if saved[k].shape != t.shape:
+            raise SpecError(f"run.resume: the checkpoint in {src.path} holds another {what} ({k} has shape "
+                            f"{tuple(saved[k].shape)}, this run's {tuple(t.shape)})")
+
+
+@contextlib.contextmanager
+def restoring(src: RunDir):
+    """Around putting a checkpoint's contents in place: one that reads but does not fit this run
+    (an optimizer state or ledger of another shape, a field missing) ends in a SpecError naming it."""
+    try:
+        yield
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as e:
+        raise SpecError(f"run.resume: the checkpoint in {src.path} does not fit this run "
+                        f"({type(e).__name__}: {e})") from None
+
+
+def checkpoint_meta(job, **meta: Any) -> dict[str, Any]:
+    """A checkpoint's metadata: `meta` and what `open_resume` checks (the spec, the data's hash)."""
+    return {"spec": job.spec.to_dict(), "data_id": job.data_id, **meta}
+
+
+def open_resume(job) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
+    """The run dir `job.spec.run.resume` names, its checkpoint, checked against the job: the
+    same spec (but for RESUME_FREE keys) and the same data, by content (it may have moved)."""
+    src = RunDir.existing(job.spec.run.resume)
     tensors, meta = src.load_checkpoint()
-    check_resumable(meta.get("spec", {}), spec.to_dict())
+    check_resumable(meta["spec"], job.spec.to_dict())
+    if meta.get("data_id", job.data_id) != job.data_id:  # (checkpoints before data_id: not checked)
+        raise SpecError(f"run.resume: the data differs from the data the checkpoint in {src.path} was trained on "
+                        f"(data.name={job.spec.data.name}, data.root={job.spec.data.root}): a run resumes on "
+                        "the same data only")
     return src, tensors, meta

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -36,6 +37,10 @@ class ReportedError(RuntimeError):
     """A user error that another process (the ServerApp under `flwr run`) already reported."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The merged model's evaluation loss stopped being finite (rundir.diverged says where)."""
+
+
 # How every side of lte-fed reports an error the user can fix: one line, no traceback.
 ERROR_PREFIX = "lte-fed: error: "
 
@@ -46,7 +51,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .data import DataError
     from .lte import ParameterizeError
 
-    return (SpecError, ReportedError, DataError, ParameterizeError, FileNotFoundError)
+    return (SpecError, ReportedError, TrainingDiverged, DataError, ParameterizeError, FileNotFoundError)
 
 
 @dataclass
@@ -277,12 +282,15 @@ def _need(cond: bool, key: str, why: str) -> None:
         raise SpecError(f"{key}: {why}")
 
 
-_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+# Seeds are 32-bit (rng.derive_seed's keys): a larger or negative one would silently equal another.
+MAX_SEED = 2**32 - 1
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", bool: "true or false", str: "a string"}
 
 
 def _has_type(v, t) -> bool:
-    if t is float:
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    if t is float:  # a finite number: no key means anything at inf or nan, and they poison the math
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     return isinstance(v, t) and (t is bool or not isinstance(v, bool))  # True is an int to Python
 
 
@@ -316,8 +324,8 @@ def parse_fleet(text: str) -> list[dict[str, float]]:
                 node[key] = FLEET_KEYS[key](value)
             except ValueError:
                 raise ValueError(f"{item!r}: {value!r} is not a number") from None
-            if node[key] <= 0:
-                raise ValueError(f"{item!r} must be > 0")
+            if not (0 < node[key] < math.inf):  # nan fails too
+                raise ValueError(f"{item!r} must be a finite number > 0")
         out.append(node)
     return out
 
@@ -390,6 +398,7 @@ def validate(s: Spec) -> Spec:
     for key in ("img_size", "patch_size"):
         v = getattr(s.model, key)
         _need(v is None or v > 0, f"model.{key}", f"must be null or a positive integer, got {v!r}")
+    _need(0 <= s.run.seed <= MAX_SEED, "run.seed", f"must be an integer in [0, {MAX_SEED}], got {s.run.seed!r}")
     _need(s.run.engine in ENGINES, "run.engine", f"{s.run.engine!r} is not one of {', '.join(ENGINES)}")
     _need(s.run.device in ("auto", "cpu", "cuda") or s.run.device.startswith("cuda:"), "run.device", f"{s.run.device!r} is not auto, cpu or cuda")
     _need(s.run.precision in ("auto", "fp32", "bf16", "fp16"), "run.precision", f"{s.run.precision!r} is not auto, fp32, bf16 or fp16")
@@ -429,6 +438,8 @@ def validate(s: Spec) -> Spec:
               and (rest[1].isdigit() or slow and rest[1] == "*"),
               "run.fault", f"{s.run.fault!r} is not KIND:HEAD:ROUND with KIND raise|nan|shape|hang|slow<factor> "
               "(slow may take HEAD node<partition-id> and ROUND *)")
+        _need(not who.isdigit() or int(who) < s.heads, "run.fault",
+              f"head {who} does not exist (heads 0..{s.heads - 1}): the fault would never happen")
     if s.data.name == "imagefolder":
         _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
     return s

@@ -147,9 +147,13 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, torch.Ten
     if not flat:
         return
     sd = opt.state_dict()
+    params = [p for g in opt.param_groups for p in g["params"]]  # in state_dict's index order
     state: dict[int, dict] = {}
     for key, t in flat.items():
         i, _, k = key.partition(".")
+        if not (i.isdigit() and int(i) < len(params)) or (t.ndim and t.shape != params[int(i)].shape):
+            # torch would take it and fail (or broadcast) only at the next step
+            raise ValueError(f"optimizer state {key!r} {tuple(t.shape)} fits no parameter of this model")
         state.setdefault(int(i), {})[k] = t
     sd["state"] = state
     opt.load_state_dict(sd)

@@ -8,7 +8,6 @@ n in the protocol's terms; its AdamW state stays on the node, keyed by run id an
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import uuid
@@ -21,8 +20,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from lte_fed import protocol as P
 from lte_fed.job import Job
 from lte_fed.ledger import Guard, relative_change
-from lte_fed.rundir import RunDir, open_resume
-from lte_fed.spec import Spec, SpecError
+from lte_fed.rundir import RunDir, check_tensors_fit, checkpoint_meta, open_resume, restoring
+from lte_fed.spec import Spec
 
 from .grid_utils import PartitionMap, message_bytes, reply_bytes, worker_costs
 from .rounds import RoundLoop
@@ -111,17 +110,17 @@ class FedAvgStrategy(RoundLoop):
         return self.model
 
     def save_checkpoint(self) -> None:
-        self.dir.save_checkpoint(self.model, {"method": "fedavg", "spec": self.spec.to_dict(), "round": self.round,
-                                              "wall_s": self.wall, "run_id": self.run_id})
+        self.dir.save_checkpoint(self.model, checkpoint_meta(self.job, method="fedavg", round=self.round,
+                                                             wall_s=self.wall, run_id=self.run_id))
         self.checkpointed = self.round
 
     def resume(self) -> None:
-        src, tensors, meta = open_resume(self.spec)
-        if tensors.keys() != self.model.keys():
-            raise SpecError(f"run.resume: the checkpoint in {src.path} holds another model's tensors")
+        src, tensors, meta = open_resume(self.job)
+        check_tensors_fit(tensors, self.model, src, "model")
         self.model = {k: t.float() for k, t in tensors.items()}
-        self.round = self.checkpointed = int(meta["round"])
-        self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
+        with restoring(src):
+            self.round = self.checkpointed = int(meta["round"])
+            self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
         self.dir.adopt_history(src, self.round)
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)

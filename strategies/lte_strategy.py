@@ -39,8 +39,8 @@ from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.outer import OuterOptimizer, outer_config
 from lte_fed.placement import by_node, steps_that_fit
-from lte_fed.rundir import RunDir, open_resume
-from lte_fed.spec import Spec, SpecError, parse_fleet
+from lte_fed.rundir import RunDir, check_tensors_fit, checkpoint_meta, open_resume, restoring
+from lte_fed.spec import Spec, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
 from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity, worker_costs
@@ -303,26 +303,26 @@ class LTEStrategy(RoundLoop):
         if self.outer is not None:
             tensors |= prefixed("outer", self.outer.tensors())
         trusted = [h for h in range(self.cfg.heads) if self.ledger[h].holder is not None]
-        self.dir.save_checkpoint(tensors, {"method": "lte", "spec": self.spec.to_dict(), "round": self.round,
-                                           "wall_s": self.wall, "run_id": self.run_id, "heads": self.ledger.flags(),
-                                           "skipped_samples": self.skipped_samples,
-                                           "trust_local": trusted})
+        self.dir.save_checkpoint(tensors, checkpoint_meta(
+            self.job, method="lte", round=self.round, wall_s=self.wall, run_id=self.run_id, heads=self.ledger.flags(),
+            skipped_samples=self.skipped_samples, trust_local=trusted))
         self.checkpointed = self.round
 
     def resume(self) -> None:
         """Continue from `run.resume`: server state from its checkpoint, the history and (in
         simulation) the clients' saved state copied into this run's directory."""
-        src, tensors, meta = open_resume(self.spec)
-        self.W, self.replicas = unprefixed("W", tensors), unprefixed("replica", tensors)
-        if self.W.keys() != set(self.plan.lora) or self.replicas.keys() != set(self.plan.replicas):
-            raise SpecError(f"run.resume: the checkpoint in {src.path} holds another model's tensors")
-        self.ledger.load(tensors, meta["heads"])
-        if self.outer is not None:
-            self.outer.load(unprefixed("outer", tensors))
-        self.round = self.checkpointed = int(meta["round"])
-        self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
-        self.skipped_samples = int(meta.get("skipped_samples", 0))
-        self.trust_local = set(int(h) for h in meta["trust_local"])
+        src, tensors, meta = open_resume(self.job)
+        check_tensors_fit(unprefixed("W", tensors) | prefixed("replica", unprefixed("replica", tensors)),
+                          self.W | prefixed("replica", self.replicas), src, "model")
+        with restoring(src):
+            self.W, self.replicas = unprefixed("W", tensors), unprefixed("replica", tensors)
+            self.ledger.load(tensors, meta["heads"])
+            if self.outer is not None:
+                self.outer.load(unprefixed("outer", tensors))
+            self.round = self.checkpointed = int(meta["round"])
+            self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
+            self.skipped_samples = int(meta.get("skipped_samples", 0))
+            self.trust_local = set(int(h) for h in meta["trust_local"])
         self.dir.adopt_history(src, self.round)
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)

@@ -23,9 +23,9 @@ from flwr.serverapp.strategy.result import Result
 from lte_fed.costs import round_costs
 from lte_fed.engine import build_summary, write_sample
 from lte_fed.job import Job, progress
-from lte_fed.rundir import RunDir, merged_nothing
+from lte_fed.rundir import RunDir, diverged, merged_nothing
 from lte_fed.spec import Spec
-from lte_fed.train import evaluate, headline
+from lte_fed.train import evaluate, headline, lr_at
 
 from .grid_utils import PartitionMap, Pending, send_and_receive, wait_for_nodes
 
@@ -71,6 +71,9 @@ class RoundLoop(Strategy):
             self.round = rnd
             self.wall += time.perf_counter() - t0
             row = self.log_round(rnd, metrics)
+            if why := diverged(row):  # stop, keeping the last finite checkpoint (run_flower reports it)
+                log.error(why)
+                break
             result.train_metrics_clientapp[rnd] = metrics
             result.evaluate_metrics_serverapp[rnd] = MetricRecord(
                 {k: row[k] for k in ("test_loss", "test_acc", "val_loss", "perplexity") if k in row})
@@ -102,6 +105,7 @@ class RoundLoop(Strategy):
         step = min(rnd * s.merge_every, s.train.steps)
         row = {"round": rnd, **progress(self.job, step, self.skipped_samples), "train_loss": self.round_loss, **ev,
                "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "wall_s": round(self.wall, 3),
+               "lr": lr_at(step - 1, s.lr, s.train.warmup, s.train.steps),  # the round's last step's, as fused rows
                "merged_heads": int(metrics["merged_heads"]), **self.alignment, **round_costs(self.costs),
                **self.round_record()}
         self.alignment, self.costs = {}, {}
@@ -113,11 +117,12 @@ class RoundLoop(Strategy):
 
     def finish(self) -> dict:
         s = self.spec
-        self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
-        if self.job.is_text:
-            self.eval_model.load_state_dict(self.plain_state())
-            write_sample(self.dir, self.eval_model, self.job)
         rows = self.dir.read_metrics()
+        if not (rows and diverged(rows[-1])):  # a NaN model is neither kept nor sampled
+            self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
+            if self.job.is_text:
+                self.eval_model.load_state_dict(self.plain_state())
+                write_sample(self.dir, self.eval_model, self.job)
         if merged_nothing(rows):
             log.error("no round merged any head: the model is untrained (each round's reasons are above)")
         # LTE: which node (partition-id) trained which heads at which rank in the last round

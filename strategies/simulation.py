@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,9 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from lte_fed.rundir import RunDir, merged_nothing
-from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, flower_run_config, parse_fleet, toml_lines,
-                          validate)
+from lte_fed.rundir import RunDir, diverged, merged_nothing
+from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, TrainingDiverged, flower_run_config,
+                          parse_fleet, toml_lines, validate)
 
 POLL_S = 0.5
 
@@ -59,9 +60,13 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     summary = rundir.path / "summary.json"
     if summary.exists() and summary.stat().st_mtime >= started:  # this run's, not an earlier one's
         rows = rundir.read_metrics()
+        if rows and (why := diverged(rows[-1])):
+            raise TrainingDiverged(f"{why} (metrics: {rundir.metrics_path})")
         if merged_nothing(rows):  # a run that trained nothing is no result
-            raise ReportedError(f"no round merged any head ({len(rows)} rounds): the model is untrained; the "
-                                f"workers' errors are in {log_path}{_last_traceback(log_path)}")
+            reasons = "; ".join(_server_said(log_path, log_start)[:4])
+            raise ReportedError(f"no round merged any head ({len(rows)} rounds): the model is untrained"
+                                + (f"; the server said: {reasons}" if reasons else "")
+                                + f"; the workers' errors are in {log_path}{_last_traceback(log_path)}")
         return rundir.read_summary()
     reported = _reported_error(log_path, log_start)
     if reported:
@@ -182,6 +187,14 @@ def _complete_rows(path: Path) -> list[dict]:
         return []
     text = path.read_text()
     return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def _server_said(log_path: Path, start: int) -> list[str]:
+    """The warnings and errors the LTE server logged in this run's part of the log (why a head
+    was not merged, a node that holds no head), in order."""
+    text = _read_from(log_path, start).decode(errors="replace")
+    said = [m.group(1) for m in re.finditer(r"(?:WARNING|ERROR) lte_fed\.server: (.*)", text)]
+    return [line for line in said if not line.startswith("no round merged")]  # the verdict, not a reason
 
 
 def _reported_error(log_path: Path, start: int) -> str | None:

@@ -56,6 +56,14 @@ def test_bad_input_ends_in_one_clear_line(tmp_path, arg, key):
     assert f"lte-fed: error: {key}" in r.stderr, r.stderr[-2000:]
 
 
+def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(tmp_path):
+    out = tmp_path / "x"
+    r = lte_fed(*QUICK, "run.engine=fused", "train.lr=1e30", f"run.out={out}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "lte-fed: error: training diverged: after round 1 (step 3)" in r.stderr and "train.lr" in r.stderr
+    assert not (out / "checkpoint.safetensors").exists() and not (out / "model.safetensors").exists()
+
+
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     r = lte_fed(*QUICK, "run.engine=fused", "data.name=cifar10", f"data.root={tmp_path / 'nothing'}",
                 f"run.out={tmp_path / 'x'}", cwd=tmp_path)
@@ -111,6 +119,7 @@ def test_a_flower_run_that_merged_no_head_fails_and_says_so(tmp_path):
                 f"run.out={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 2, r.stderr[-3000:]
     assert "lte-fed: error: no round merged any head (1 rounds)" in r.stderr, r.stderr[-3000:]
+    assert "the server said: round 1: head 0" in r.stderr and "non-finite" in r.stderr, r.stderr[-3000:]
 
 
 def test_ctrl_c_stops_a_flower_run_and_says_how_to_resume(tmp_path):

@@ -73,10 +73,12 @@ def test_dirichlet_is_label_skewed(digits):
 
 
 def test_partition_bad_args(digits):
-    with pytest.raises(ValueError, match="data.partition"):
+    with pytest.raises(D.DataError, match="data.partition"):
         D.partition(digits.train_y, 4, "roundrobin")
-    with pytest.raises(ValueError, match="data.alpha"):
+    with pytest.raises(D.DataError, match="data.alpha"):
         D.partition(digits.train_y, 4, "dirichlet", alpha=0.0)
+    with pytest.raises(D.DataError, match="^lte.heads=9: cannot split the 8 training samples"):
+        D.partition(digits.train_y[:8], 9)
 
 
 # ----------------------------------------------------------------------------- batches
@@ -237,3 +239,30 @@ def test_imagefolder_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataError, match="empty"):
         D.load_data("imagefolder", root=str(tmp_path / "empty"))
+
+
+def test_imagefolder_reads_16_bit_images_at_their_brightness(tmp_path):
+    """A 16-bit PNG (grey, 0..65535) is scaled to 8 bits, not clipped at 255 (all white)."""
+    from PIL import Image
+
+    grey = np.full((8, 8), 32768, dtype=np.uint16)  # mid-grey in 16 bits
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(grey).save(tmp_path / c / f"{i}.png")
+    assert Image.open(tmp_path / "a" / "0.png").mode.startswith("I")  # what the test is about
+    d = D.load_data("imagefolder", root=str(tmp_path), img_size=8, test_fraction=0.5)
+    assert set(d.train_x.unique().tolist()) == {32768 // 257}
+
+
+def test_imagefolder_names_a_file_it_cannot_or_will_not_decode(tmp_path, monkeypatch):
+    from PIL import Image
+
+    _write_pngs(tmp_path, n=2)
+    (tmp_path / "cat" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(D.DataError, match="bad.png: not a readable image"):
+        D.load_data("imagefolder", root=str(tmp_path), img_size=8)
+    (tmp_path / "cat" / "bad.png").unlink()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # a 12x10 image is then a "decompression bomb"
+    with pytest.raises(D.DataError, match="larger than Pillow's safety limit"):
+        D.load_data("imagefolder", root=str(tmp_path), img_size=8)

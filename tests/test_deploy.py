@@ -19,6 +19,7 @@ node state and the run directory. Ports are free loopback ports, picked at start
 from __future__ import annotations
 
 import json
+import re
 import math
 import signal
 import subprocess
@@ -126,6 +127,23 @@ def test_a_nodes_threads_are_applied_and_bad_values_refused():
                 use_threads({"threads": bad})
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("config, needle", [
+    ({"partition-id": "first"}, "partition-id='first' is not a number"),
+    ({"partition-id": 0, "heads": 2.5}, "heads=2.5 is not a whole number"),
+    ({"partition-id": 0, "heads": -1}, "heads=-1 must be >= 0"),
+    ({"partition-id": 0, "memory-gb": "nan"}, "memory-gb='nan' is not a finite number"),
+    ({"partition-id": 0, "memory-gb": "inf"}, "memory-gb='inf' is not a finite number"),
+    ({"partition-id": 0, "rank": "1e400"}, "rank='1e400' is not a number"),
+])
+def test_a_nodes_declared_capacity_is_refused_when_it_means_nothing(config, needle):
+    from clients.client_app import ClientConfigError, node_capacity
+
+    assert node_capacity({"partition-id": 3, "heads": 2, "memory-gb": "7.5"}) == \
+        {"partition-id": 3, "heads": 2, "rank": 0, "memory-gb": 7.5}
+    with pytest.raises(ClientConfigError, match=f"node config {re.escape(needle)}"):
+        node_capacity(config)
 
 
 def test_a_nodes_mmap_threshold_is_pinned_and_bad_values_refused():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 
 import pytest
@@ -171,6 +172,25 @@ def test_a_stopped_language_run_resumes_where_it_would_have_ended(tmp_path):
     assert RunDir(tmp_path / "whole").read_metrics() == [
         {k: v for k, v in r.items() if k != "wall_s"} | {"wall_s": w["wall_s"]}
         for r, w in zip(RunDir(tmp_path / "cut").read_metrics(), RunDir(tmp_path / "whole").read_metrics())]
+
+
+def test_a_run_resumes_on_its_data_moved_elsewhere_but_not_on_changed_data(tmp_path):
+    """A checkpoint knows its data by content: the corpus in another folder resumes; the same
+    folder with one character swapped for another (same vocabulary size) or one added does not."""
+    root = write_corpus(tmp_path / "c")
+    spec = text_spec(root, train={"steps": 9})
+    assert FusedRun(spec, tmp_path / "cut").run(stop_after_rounds=2) == {"stopped_at_round": 2}
+    moved = tmp_path / "elsewhere" / "corpus"
+    moved.parent.mkdir()
+    root.rename(moved)
+    for doc, new in (("doc1.txt", lambda t: t.replace("q", "z")), ("doc2.txt", lambda t: t + "\u00e9\n")):
+        changed = tmp_path / f"changed-{doc}"
+        shutil.copytree(moved, changed)
+        (changed / doc).write_text(new((changed / doc).read_text()))
+        with pytest.raises(SpecError, match="run.resume: the data differs"):
+            run_fused(text_spec(changed, train={"steps": 9}, run={"resume": str(tmp_path / "cut")}), tmp_path / f"r-{doc}")
+    run_fused(text_spec(moved, train={"steps": 9}, run={"resume": str(tmp_path / "cut")}), tmp_path / "resumed")
+    assert [r["round"] for r in RunDir(tmp_path / "resumed").read_metrics()] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("change, key", [

@@ -107,6 +107,8 @@ def test_cli_prints_table():
     (["--model", "nope"], "unknown model"),
     (["--batch", "0"], "--batch"),
     (["--device-gb", "-1"], "--device-gb"),
+    (["--device-gb", "inf"], "--device-gb"),
+    (["--device-gb", "nan"], "--device-gb"),
     (["--quant", "q3"], "quant"),
     (["--rank", "abc"], "invalid int"),
 ])

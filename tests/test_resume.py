@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from lte_fed.rundir import RunDir
 
@@ -158,3 +159,63 @@ def test_metrics_are_strict_json(tmp_path):
                        "test_acc": 1.0, "bytes_up": 0, "bytes_down": 0, "wall_s": 0.0})
     line = (tmp_path / "metrics.jsonl").read_text()
     assert "NaN" not in line and json.loads(line, parse_constant=lambda c: pytest.fail(c))["train_loss"] is None
+
+
+def _rewrite_checkpoint(run: Path, tensors=lambda t: t, meta=lambda m: m) -> None:
+    """Rewrite `run`'s checkpoint through `tensors` and `meta` (functions of the stored ones)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = run / "checkpoint.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        stored, header = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["lte-fed"])
+    save_file(tensors(stored), str(path), metadata={"lte-fed": json.dumps(meta(header))})
+
+
+def _first(t: dict, prefix: str, suffix: str = "") -> str:
+    return next(k for k in sorted(t) if k.startswith(prefix) and k.endswith(suffix))
+
+
+DAMAGES = {
+    "a model tensor missing": dict(tensors=lambda t: {k: v for k, v in t.items() if k != _first(t, "model.")}),
+    "a model tensor of another shape": dict(tensors=lambda t: t | {_first(t, "model."): torch.zeros(3, 5)}),
+    "an optimizer moment of another shape": dict(tensors=lambda t: t | {_first(t, "opt.", "exp_avg"): torch.zeros(7)}),
+    "a negative step": dict(meta=lambda m: m | {"step": -4}),
+    "a step as text": dict(meta=lambda m: m | {"step": "4"}),
+    "no round": dict(meta=lambda m: {k: v for k, v in m.items() if k != "round"}),
+    "metadata a list": dict(meta=lambda m: [m]),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_readable_but_damaged_checkpoint_is_refused_in_one_error(tmp_path, damage):
+    from lte_fed.engine import run_fused
+    from lte_fed.spec import SpecError
+
+    from .helpers import quick_spec
+
+    run_fused(quick_spec(), tmp_path / "a")
+    _rewrite_checkpoint(tmp_path / "a", **DAMAGES[damage])
+    with pytest.raises(SpecError, match=r"^run\.resume: .*checkpoint"):
+        run_fused(quick_spec(run={"resume": str(tmp_path / "a")}), tmp_path / "b")
+
+
+def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume_and_a_damaged_one_named(tmp_path):
+    from lte_fed.engine import FusedRun, run_fused
+    from lte_fed.spec import SpecError
+
+    from .helpers import quick_spec
+
+    spec = quick_spec(train={"steps": 9})
+    FusedRun(spec, tmp_path / "a").run(stop_after_rounds=2)
+    with open(tmp_path / "a" / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "step": 9, "sam')  # killed mid-append, before round 3's checkpoint
+    assert [r["round"] for r in RunDir(tmp_path / "a").read_metrics()] == [1, 2]
+    run_fused(quick_spec(train={"steps": 9}, run={"resume": str(tmp_path / "a")}), tmp_path / "a")
+    assert [r["round"] for r in RunDir(tmp_path / "a").read_metrics()] == [1, 2, 3]
+    for bad in ("null", "[1, 2]", '{"round": 1, "st'):
+        (tmp_path / "b.jsonl").write_text(f'{{"round": 1}}\n{bad}\n{{"round": 3}}\n')
+        rd = RunDir(tmp_path)
+        (tmp_path / "metrics.jsonl").write_bytes((tmp_path / "b.jsonl").read_bytes())
+        with pytest.raises(SpecError, match="metrics.jsonl line 2"):
+            rd.read_metrics()

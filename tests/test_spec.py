@@ -78,7 +78,15 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"lte": {"heads": "abc"}}, "lte.heads: must be an integer"),
     ({"lte": {"heads": True}}, "lte.heads: must be an integer"),
     ({"lte": {"same_batch": "maybe"}}, "lte.same_batch: must be true or false"),
-    ({"train": {"lr": "fast"}}, "train.lr: must be a number or null"),
+    ({"train": {"lr": "fast"}}, "train.lr: must be a finite number or null"),
+    ({"train": {"lr": math.inf}}, "train.lr: must be a finite number or null"),
+    ({"lte": {"alpha": math.inf}}, "lte.alpha: must be a finite number"),
+    ({"lte": {"outer_lr": math.nan}}, "lte.outer_lr: must be a finite number"),
+    ({"train": {"weight_decay": math.inf}}, "train.weight_decay: must be a finite number"),
+    ({"run": {"seed": 2**32}}, "run.seed"),  # seeds are 32-bit: 2**32 would be seed 0
+    ({"run": {"seed": -1}}, "run.seed"),
+    ({"run": {"fleet": "memory-gb=nan"}}, "run.fleet"),
+    ({"run": {"fleet": "memory-gb=inf"}}, "run.fleet"),
     ({"model": {"img_size": 7.5}}, "model.img_size: must be an integer or null"),
     ({"run": {"fault": 3}}, "run.fault: must be a string or null"),
     ({"train": {"warmup": -1}}, "train.warmup"),
@@ -91,6 +99,7 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"run": {"fault": "slow5:nodeX:*"}}, "run.fault"),
     ({"run": {"fault": "slow5:node1"}}, "run.fault"),
     ({"run": {"fault": "hang:1:*"}}, "run.fault"),
+    ({"run": {"fault": "raise:2:1"}}, "run.fault: head 2 does not exist"),  # the default lte.heads is 2
 ])
 def test_a_bad_value_is_refused_naming_its_key(d, key):
     with pytest.raises(SpecError, match=f"^{key}"):

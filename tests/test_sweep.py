@@ -88,6 +88,41 @@ def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
     assert e.value.code == 2 and "lte-fed-report: error:" in capsys.readouterr().err
 
 
+def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path, capsys):
+    """Whatever a run dir holds (a null or foreign metrics line, a summary that is a list or has
+    text where numbers go, an unparsable Hydra record, a diverged curve), the report still
+    covers every run, and says which ones it could not read."""
+    def run(name: str, summary, rows: str = "", hydra: str | None = None):
+        d = tmp_path / "sweep" / name
+        d.mkdir(parents=True)
+        if summary is not None:
+            (d / "summary.json").write_text(json.dumps(summary))
+        (d / "metrics.jsonl").write_text(rows)
+        if hydra is not None:
+            (d / ".hydra").mkdir()
+            (d / ".hydra" / "config.yaml").write_text(hydra)
+
+    good = {"config": {"method": "lte", "lte": {"rank": 4}}, "final": {"test_acc": 50.0, "test_loss": 1.0},
+            "totals": {"samples": 64, "sync_steps": 2, "bytes_up": 10, "bytes_down": 20, "wall_s": 1.0}}
+    row = {"round": 1, "step": 2, "samples": 32, "test_acc": 40.0, "test_loss": 1.5}
+    run("good", good, "null\n[1]\n" + json.dumps(row) + "\n" + json.dumps(row | {"round": 2, "test_loss": None}) + "\n")
+    run("texty", good | {"config": {"method": "lte", "lte": {"rank": 8}}, "final": {"test_acc": "high"}})
+    run("a-list", [])
+    run("broken-hydra", None, hydra="method: [unclosed\n  : :\n")
+    out = tmp_path / "report"
+    report_main([str(tmp_path / "sweep"), "--out", str(out)])
+    with open(out / "results.csv") as f:
+        status = {r["run"]: (r["status"], r["error"]) for r in csv.DictReader(f)}
+    assert status["good"][0] == "ok" and status["texty"][0] == "ok"
+    assert status["a-list"] == ("failed", "summary.json is not an lte-fed summary")
+    assert status["broken-hydra"][0] == "incomplete"
+    assert (out / "accuracy.png").exists()
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a-file")])
+    assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("preset, group, extra", [("ablation_cpu", "ablation/cpu", []),
                                                   ("ablation_gpu", "ablation/gpu", ["data.root=/data/imagenet100"])])
 def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra):
