@@ -312,8 +312,8 @@ class LTEStrategy(RoundLoop):
         """Continue from `run.resume`: server state from its checkpoint, the history and (in
         simulation) the clients' saved state copied into this run's directory."""
         src, tensors, meta = open_resume(self.job)
-        check_tensors_fit(unprefixed("W", tensors) | prefixed("replica", unprefixed("replica", tensors)),
-                          self.W | prefixed("replica", self.replicas), src, "model")
+        check_tensors_fit(unprefixed("W", tensors), self.W, src, "model")
+        check_tensors_fit(unprefixed("replica", tensors), self.replicas, src, "model")
         with restoring(src):
             self.W, self.replicas = unprefixed("W", tensors), unprefixed("replica", tensors)
             self.ledger.load(tensors, meta["heads"])
