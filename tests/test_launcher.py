@@ -75,3 +75,50 @@ def test_the_launcher_runs_another_app_and_leaves_nothing_behind(tmp_path):
     times = json.loads(out.read_text())
     assert len(times) == 3 and all(t > 0 for t in times)
     assert tagged_processes(tag) == []
+
+
+SUITE = textwrap.dedent("""
+    import subprocess, time
+    import pytest
+
+    @pytest.fixture
+    def server():
+        p = subprocess.Popen(["sleep", "300"], start_new_session=True, stdout=subprocess.DEVNULL)  # as a SuperLink is started
+        yield p
+        p.kill()
+        p.wait()
+
+    def test_long(server):
+        print("started", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_suite_stopped_by_sigterm_still_stops_what_its_tests_started(tmp_path):
+    """tests/conftest.py: SIGTERM to pytest (a harness's `timeout`) runs the fixtures' teardown,
+    so a server a test started in its own session is stopped, not left behind."""
+    import signal
+    import time
+
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    tag = uuid.uuid4().hex
+    p = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                          str(tmp_path / "test_suite.py")], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env=os.environ | {TAG: tag, "PYTHONPATH": str(ROOT)})
+    try:
+        for line in p.stdout:
+            if "started" in line:
+                break
+        deadline = time.monotonic() + 30
+        while len(tagged_processes(tag)) < 2 and time.monotonic() < deadline:  # pytest and its sleep
+            time.sleep(0.1)
+        assert len(tagged_processes(tag)) == 2, tagged_processes(tag)
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=60)
+        assert p.returncode == 2  # pytest's "interrupted"
+        assert tagged_processes(tag) == []
+    finally:
+        p.kill()
+        p.wait()
+        for line in tagged_processes(tag):  # what a failed run left behind, by PID
+            os.kill(int(line.split()[0]), signal.SIGKILL)
