@@ -40,6 +40,10 @@ SHORT = {"lte.heads": "N", "lte.rank": "r", "lte.merge_every": "T", "lte.alpha":
          "train.batch_size": "B", "train.steps": "steps", "method": "", "run.seed": "seed"}
 # Methods for which the lte.* keys mean nothing.
 NO_HEADS = {"full"}
+# Methods that never merge (lte_fed/engine.py merges only lte and lora_merge): for them the keys
+# that say what a merge does mean nothing either.
+NEVER_MERGE = {"lora", "mhlora"}
+MERGE_KEYS = ("lte.variant", "lte.outer")  # lte.outer and its lte.outer_* settings
 IMAGE_COLS = ["test_loss", "test_acc", "best_test_acc"]
 TEXT_COLS = ["val_loss", "perplexity", "best_val_loss", "tokens"]  # language models
 RESULT_COLS = [*IMAGE_COLS, "samples", "sync_steps", "bytes_up", "bytes_down", "wall_s"]
@@ -166,10 +170,15 @@ def varying_keys(runs: list[Run]) -> list[str]:
     return sorted(vary, key=lambda k: (k != "method", keys.index(k)))
 
 
+def means_nothing(run: Run, key: str) -> bool:
+    """Whether config `key` has no effect on `run` (an lte.* key of full training, a merge key
+    of a method that never merges)."""
+    return (run.method in NO_HEADS and key.startswith("lte.")
+            or run.method in NEVER_MERGE and key.startswith(MERGE_KEYS))
+
+
 def cell(run: Run, key: str) -> Any:
-    if run.method in NO_HEADS and key.startswith("lte."):
-        return "-"
-    return run.config.get(key, "")
+    return "-" if means_nothing(run, key) else run.config.get(key, "")
 
 
 # ------------------------------------------------------------------------------------ tables
@@ -240,7 +249,7 @@ def label(run: Run, keys: list[str]) -> str:
     if run.method in NO_HEADS:
         return f"{run.method} (baseline)"
     parts = []
-    for k in keys:
+    for k in (k for k in keys if not means_nothing(run, k)):
         v = run.config.get(k)
         short = SHORT.get(k, k)
         parts.append(f"{v}" if short == "" else f"{short}={v:g}" if isinstance(v, float) else f"{short}={v}")

@@ -123,6 +123,29 @@ def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path,
     assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
 
 
+def test_the_report_blanks_keys_that_do_nothing_for_a_method(tmp_path):
+    """A never-merged LoRA head has no merge variant or outer optimizer, full training no heads:
+    the table shows "-" there, and the legend does not name them."""
+    from app.report import find_runs, label, varying_keys
+
+    totals = {"samples": 64, "sync_steps": 2, "bytes_up": 10, "bytes_down": 20, "wall_s": 1.0}
+    for name, method, variant in [("a", "lte", "reset"), ("b", "lte", "exact"), ("c", "lora", "reset"),
+                                  ("d", "full", "exact")]:
+        d = tmp_path / "sweep" / name
+        d.mkdir(parents=True)
+        config = {"method": method, "lte": {"variant": variant, "outer": "nesterov", "rank": 4}}
+        (d / "summary.json").write_text(json.dumps({"config": config, "final": {"test_acc": 50.0}, "totals": totals}))
+        (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "step": 2, "samples": 32, "test_acc": 40.0}) + "\n")
+    report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
+    with open(tmp_path / "report" / "results.csv") as f:
+        variant = {r["run"]: r["lte.variant"] for r in csv.DictReader(f)}
+    assert variant == {"a": "reset", "b": "exact", "c": "-", "d": "-"}
+    runs = {r.name: r for r in find_runs(tmp_path / "sweep")}
+    keys = varying_keys(list(runs.values()))
+    assert "reset" in label(runs["a"], keys) and "exact" in label(runs["b"], keys)
+    assert "reset" not in label(runs["c"], keys) and label(runs["c"], keys).startswith("lora")
+
+
 @pytest.mark.parametrize("preset, group, extra", [("ablation_cpu", "ablation/cpu", []),
                                                   ("ablation_gpu", "ablation/gpu", ["data.root=/data/imagenet100"])])
 def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra):
