@@ -11,6 +11,7 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -18,12 +19,13 @@ from torch import nn
 
 from . import data as D
 from . import text as T
-from .lte import LTEConfig
+from .lte import LTEConfig, plan
 from .models import build_lm, build_model
-from .spec import Spec, validate
+from .spec import Spec, parse_fleet, validate
 from .train import BatchSource, resolve_device
 
 LORA_METHODS = ("lte", "mhlora", "lora", "lora_merge")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,16 +66,36 @@ def setup(spec: Spec, *, data: D.ImageData | T.TextData | None = None, skeleton:
     if data is None:
         data = load_job_data(spec)
     img_size = 0 if text else spec.model.img_size or data.img_size
-    with torch.device("meta") if skeleton else contextlib.nullcontext():
+
+    def build() -> nn.Module:
         if text:
-            plain = build_lm(spec.model.name, vocab_size=data.vocab_size, block_size=spec.model.block_size,
-                             seed=spec.run.seed)
-        else:
-            plain = build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size,
-                                in_chans=data.in_chans, patch_size=spec.model.patch_size, seed=spec.run.seed)
+            return build_lm(spec.model.name, vocab_size=data.vocab_size, block_size=spec.model.block_size,
+                            seed=spec.run.seed)
+        return build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size,
+                           in_chans=data.in_chans, patch_size=spec.model.patch_size, seed=spec.run.seed)
+
+    with torch.device("meta") if skeleton else contextlib.nullcontext():
+        plain = build()
     if text:
         data.block_size, data.val_tokens = plain.cfg.block_size, spec.data.val_tokens
+    if not skeleton and spec.method in LORA_METHODS:  # once per run (a worker builds skeletons)
+        with torch.device("meta"):
+            _warn_rank_above_dims(build(), spec)
     return Job(spec, data, img_size, plain, device)
+
+
+def _warn_rank_above_dims(model: nn.Module, spec: Spec) -> None:
+    """Warn where lte.rank (or a run.fleet rank) exceeds a LoRA layer's min(m, n): B A cannot have
+    rank above min(m, n), so the extra rank costs memory, compute and bytes and buys nothing. Not an
+    error: one small layer (a patch embedding of 4 pixels) should not forbid a rank that suits the rest."""
+    p = plan(model, spec.lte.keep_norm_affine)  # the layers LTE wraps, on a meta twin (prepare edits it)
+    rank = max([spec.lte.rank] + [int(e.get("rank", 0)) for e in parse_fleet(spec.run.fleet or "rank=1")])
+    small = [(name, min(model.get_submodule(name).weight.shape)) for name in p.lora]
+    small = [(name, d) for name, d in small if d < rank]
+    if small:
+        names = ", ".join(f"{name} ({d})" for name, d in small[:4]) + (f" and {len(small) - 4} more" if len(small) > 4 else "")
+        log.warning("rank %d is above min(out, in) of %d of %d LoRA layers: %s; B·A cannot have a rank above "
+                    "that, so their extra rank is trained, stored and sent for nothing", rank, len(small), len(p.lora), names)
 
 
 def load_job_data(spec: Spec) -> D.ImageData | T.TextData:

@@ -314,7 +314,10 @@ FLEET_KEYS = {"heads": int, "rank": int, "memory-gb": float}
 def parse_fleet(text: str) -> list[dict[str, float]]:
     """run.fleet "heads=2 rank=16;rank=4" -> [{"heads": 2, "rank": 16}, {"rank": 4}]."""
     out = []
-    for entry in str(text).split(";"):
+    for i, entry in enumerate(str(text).split(";")):
+        if not entry.strip():  # "heads=2;" would add a node nobody meant
+            raise ValueError(f"node {i} is empty (a stray ';'?): give each node at least one of "
+                             f"{', '.join(k + '=...' for k in FLEET_KEYS)}; rank=<lte.rank> keeps a node at the defaults")
         node = {}
         for item in entry.split():
             key, eq, value = item.partition("=")

@@ -87,6 +87,9 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"run": {"seed": -1}}, "run.seed"),
     ({"run": {"fleet": "memory-gb=nan"}}, "run.fleet"),
     ({"run": {"fleet": "memory-gb=inf"}}, "run.fleet"),
+    ({"run": {"fleet": ";"}}, "run.fleet: node 0 is empty"),
+    ({"run": {"fleet": "heads=2;"}}, "run.fleet: node 1 is empty"),
+    ({"run": {"fleet": "rank=4; ;rank=2"}}, "run.fleet: node 1 is empty"),
     ({"model": {"img_size": 7.5}}, "model.img_size: must be an integer or null"),
     ({"run": {"fault": 3}}, "run.fault: must be a string or null"),
     ({"train": {"warmup": -1}}, "train.warmup"),
@@ -124,3 +127,18 @@ def test_any_warmup_gives_a_short_run_a_usable_schedule(steps, warmup):
     assert lrs[:w] == sorted(lrs[:w]) and (w == 0 or lrs[w - 1] == 1.0)  # warms up to the peak
     if w < steps:
         assert lrs[w:] == sorted(lrs[w:], reverse=True)  # then decays
+
+
+def test_a_rank_above_a_layers_dimensions_is_warned_about_naming_the_layers(caplog):
+    from lte_fed.job import setup
+
+    def warnings(**lte):
+        caplog.clear()
+        setup(Spec.from_dict({"model": {"name": "mixer_digits"}, "lte": lte, "run": {"engine": "fused"}}))
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    # mixer_digits: a 4-pixel patch embedding and 16-token mixing MLPs, every other layer wider
+    warned = warnings(rank=64, alpha=128)
+    assert len(warned) == 1 and "stem.proj.linear (4)" in warned[0] and "mlp_tokens.fc1 (16)" in warned[0]
+    assert "rank 8 is above" in warnings(rank=8, alpha=16)[0] and "mlp_tokens" not in warnings(rank=8, alpha=16)[0]
+    assert warnings(rank=4, alpha=8) == []
