@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lte_fed.rundir import RunDir, claimed
-from lte_fed.spec import ERROR_PREFIX, Spec, register_with_hydra, user_errors
+from lte_fed.spec import ERROR_PREFIX, Spec, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
 
@@ -74,8 +77,8 @@ def _report_text(summary: dict, out: str | Path) -> str:
         f"run dir: {out}", "", f"| {'run':<28} | val loss | perplexity | tokens     | sync steps | bytes moved |",
         f"|{'-' * 30}|----------|------------|------------|------------|-------------|",
         f"| {name:<28} | {_num(fin['val_loss'], '8.4f')} | {_num(fin['perplexity'], '10.3f')} | {tot['tokens']:10d} | "
-        f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |",
-        "", f"sample of generated text: {Path(out) / 'sample.txt'}"])
+        f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |"]
+        + (["", f"sample of generated text: {Path(out) / 'sample.txt'}"] if cfg["run"]["sample_tokens"] else []))
 
 
 def reference_for(cfg: dict) -> dict | None:
@@ -135,15 +138,59 @@ def _main(cfg: DictConfig) -> float | None:
     return final["test_acc"] if "test_acc" in final else final["val_loss"]
 
 
+FAILED_JOBS: list[str] = []  # a sweep's failed jobs' dirs (Hydra's basic launcher runs jobs in this process)
+
+
 def _record_failure(out: str, err: BaseException) -> None:
     """In a sweep, a failed job leaves a summary saying why, and the sweep goes on."""
+    FAILED_JOBS.append(out)
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").write_text(json.dumps({"failed": True, "error": f"{type(err).__name__}: {err}"}, indent=2))
 
 
 def main() -> None:
-    _main()
+    """Hydra's own errors (an unknown key or preset, an override it cannot parse) end, like ours,
+    in one line and exit 2; HYDRA_FULL_ERROR=1 keeps Hydra's full report."""
+    asked = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing and exiting 1
+    try:
+        _main()
+    except HydraException as e:
+        if asked == "1":
+            raise
+        print(f"{ERROR_PREFIX}{hydra_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if asked is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = asked
+    if FAILED_JOBS:
+        print(f"{ERROR_PREFIX}{len(FAILED_JOBS)} job(s) of the sweep failed, each says why in its summary.json: "
+              + ", ".join(FAILED_JOBS), file=sys.stderr)
+        sys.exit(2)
+
+
+def hydra_error(e: BaseException) -> str:
+    """Hydra's multi-line error as one line: what is wrong, and the choices where it lists them."""
+    cause = e.__cause__
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
+        key = str(getattr(cause, "full_key", "") or "")
+        return f"{key}: no such config key{did_you_mean(key)}"
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    if "Config search path:" in lines:  # the search path is Hydra's detail, not the user's
+        lines = lines[:lines.index("Config search path:")]
+    text, choices = [], []
+    for raw, ln in zip(str(e).splitlines(), lines):
+        if raw.startswith("\t"):
+            choices.append(ln)
+        elif ln and not ln.startswith("See https://"):
+            text.append(ln.rstrip(":."))
+    msg = "; ".join(text) + (f": {', '.join(choices)}" if choices else "")
+    if isinstance(cause, Exception) and str(cause).splitlines():
+        msg += f" ({str(cause).splitlines()[0]})"
+    return msg
 
 
 if __name__ == "__main__":

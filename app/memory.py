@@ -34,9 +34,11 @@ def _parser() -> argparse.ArgumentParser:
 def _check(ap: argparse.ArgumentParser, args) -> None:
     """Validate everything before the slow imports, so errors are quick and one line."""
     from lte_fed.memory import VIT_SIZES
-    from lte_fed.models import list_models
+    from lte_fed.models import is_language_model, list_models
 
-    known = sorted(set(list_models()) | set(VIT_SIZES))
+    if args.model in list_models() and is_language_model(args.model):
+        ap.error(f"{args.model!r} is a language model; this estimator covers the image models only")
+    known = sorted({m for m in list_models() if not is_language_model(m)} | set(VIT_SIZES))
     if args.model not in known:
         ap.error(f"unknown model {args.model!r}; available: {', '.join(known)}")
     for name in ("rank", "heads", "batch", "img_size"):

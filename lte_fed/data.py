@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from .rng import AUGMENT, DATA, SPLIT, derive_seed, torch_generator
 
-IMAGE_DATASETS = ("digits", "cifar10", "cifar100", "stl10", "imagefolder", "synthetic")
+TORCHVISION_DATASETS = ("cifar10", "cifar100", "stl10")  # read from data.root (default DEFAULT_ROOT)
+IMAGE_DATASETS = ("digits", *TORCHVISION_DATASETS, "imagefolder", "synthetic")
 TEXT_DATASETS = ("shakespeare", "text")  # language-model corpora: lte_fed/text.py
 DATASETS = IMAGE_DATASETS + TEXT_DATASETS
 NO_FLIP = ("digits", "synthetic")  # not mirror-invariant: a flipped "2" or prototype is another pattern
@@ -70,7 +71,7 @@ def load_data(name: str, *, root: str | None = None, seed: int = 0, img_size: in
         x, y = _digits()
         tr, te = _stratified_split(y, test_fraction, seed)
         return _make(name, x[tr], y[tr], x[te], y[te], 10)
-    if name in ("cifar10", "cifar100", "stl10"):
+    if name in TORCHVISION_DATASETS:
         return _torchvision(name, root or DEFAULT_ROOT, download)
     if name == "imagefolder":
         return _imagefolder(root, img_size or 32, test_fraction, seed)
@@ -157,7 +158,8 @@ def _imagefolder(root: str | None, size: int, test_fraction: float, seed: int) -
     if root is None:
         raise DataError("data.root must name a folder of class subfolders for data.name=imagefolder")
     if not os.path.isdir(root):
-        raise DataError(f"data.root={root!r}: no such folder ({os.path.abspath(root)}); imagefolder expects "
+        what = "not a folder" if os.path.exists(root) else "no such folder"
+        raise DataError(f"data.root={root!r}: {what} ({os.path.abspath(root)}); imagefolder expects "
                         f"class subfolders of images there, or train/ and val/ (or test/) each holding them")
     held_out = next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
     try:
@@ -173,6 +175,9 @@ def _imagefolder(root: str | None, size: int, test_fraction: float, seed: int) -
             train_x, train_y, test_x, test_y, tr = x[itr], y[itr], x[ite], y[ite], ds
     except FileNotFoundError as e:  # ImageFolder: no class folders, or a class without images
         raise DataError(f"data.root={root!r}: {e}") from None
+    if len(tr.classes) < 2:  # one class: every prediction right, nothing learnt
+        raise DataError(f"data.root={root!r}: {len(tr.classes)} class folder ({', '.join(tr.classes)}); a classifier "
+                        "needs at least 2, one subfolder of images per class")
     return _make("imagefolder", train_x, train_y, test_x, test_y, len(tr.classes))
 
 

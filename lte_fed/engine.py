@@ -208,12 +208,12 @@ class FusedRun:
         s = self.spec
         state = self.plain_state()
         self.dir.save_model(state, metadata={"model": s.model.name, "method": s.method})
-        if self.job.is_text:
-            self.eval_model.load_state_dict(state)
-            write_sample(self.dir, self.eval_model, self.job)
         rows = self.dir.read_metrics()
         summary = build_summary(s, rows, self.job, params=self.param_counts())
         self.dir.write_summary(summary)
+        if self.job.is_text:  # last: the run's results are on disk while it samples
+            self.eval_model.load_state_dict(state)
+            write_sample(self.dir, self.eval_model, self.job, progress=s.run.progress)
         return summary
 
     def param_counts(self) -> dict[str, int]:
@@ -242,17 +242,20 @@ def build_summary(s: Spec, rows: list[dict], job: Job, params: dict | None = Non
     }
 
 
-def write_sample(rundir: RunDir, model: nn.Module, job: Job) -> None:
+def write_sample(rundir: RunDir, model: nn.Module, job: Job, progress: bool = False) -> None:
     """sample.txt: `run.sample_tokens` tokens the trained plain model generates from the first
     characters of the validation split (temperature 0.8, top 50, seeded by run.seed)."""
     n = job.spec.run.sample_tokens
     if n <= 0:
         return
+    from tqdm.auto import tqdm
+
     from .rng import SAMPLE, torch_generator
 
     prompt = job.data.val[:min(32, job.data.block_size)].view(1, -1).to(job.device)
     g = torch_generator(job.spec.run.seed, SAMPLE)
-    out = model.generate(prompt, n, temperature=0.8, top_k=50, generator=g)[0].cpu()
+    with tqdm(total=n, disable=not progress or n < 1000, unit="token", desc="sample.txt") as bar:
+        out = model.generate(prompt, n, temperature=0.8, top_k=50, generator=g, on_token=bar.update)[0].cpu()
     tok = job.data.tokenizer
     text = tok.decode(out[:prompt.shape[1]]) + "<<<" + tok.decode(out[prompt.shape[1]:])
     (rundir.path / "sample.txt").write_text(f"# {n} tokens generated after the prompt (before <<<)\n{text}\n")

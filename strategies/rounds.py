@@ -118,11 +118,9 @@ class RoundLoop(Strategy):
     def finish(self) -> dict:
         s = self.spec
         rows = self.dir.read_metrics()
-        if not (rows and diverged(rows[-1])):  # a NaN model is neither kept nor sampled
+        keep = not (rows and diverged(rows[-1]))  # a NaN model is neither kept nor sampled
+        if keep:
             self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
-            if self.job.is_text:
-                self.eval_model.load_state_dict(self.plain_state())
-                write_sample(self.dir, self.eval_model, self.job)
         if merged_nothing(rows):
             log.error("no round merged any head: the model is untrained (each round's reasons are above)")
         # LTE: which node (partition-id) trained which heads at which rank in the last round
@@ -134,6 +132,9 @@ class RoundLoop(Strategy):
                            "idle_rss_mib": i.idle_rss_mib} for i in nodes]
         summary = build_summary(s, rows, self.job, run_id=self.run_id, **extra)
         self.dir.write_summary(summary)
+        if keep and self.job.is_text:  # last: the run's results are on disk while it samples
+            self.eval_model.load_state_dict(self.plain_state())
+            write_sample(self.dir, self.eval_model, self.job)
         return summary
 
 

@@ -37,8 +37,7 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     """Run `spec` through `flwr run` in Flower's simulation engine; returns the run's summary."""
     validate(spec)
     cpus, ray_cpus = ray_resources(spec)
-    spec = copy.deepcopy(spec)
-    spec.run.out = str(Path(out).resolve())
+    spec = absolute_paths(spec, out)
     nodes = simulation_nodes(spec)
     if spec.method != "fedavg":
         spec.run.nodes = nodes  # the server waits for exactly these
@@ -73,6 +72,24 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
         raise ReportedError(reported)
     raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
                        f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
+
+
+def absolute_paths(spec: Spec, out: str | Path) -> Spec:
+    """A copy of `spec` whose paths (run.out, run.resume, data.root) are absolute, read from the
+    caller's working directory: the Flower processes run in the app's directory, where a relative
+    path would name something else (or nothing). A torchvision dataset's default folder (`data`)
+    is the caller's too, as in the fused engine."""
+    from lte_fed.data import DEFAULT_ROOT, TORCHVISION_DATASETS
+
+    spec = copy.deepcopy(spec)
+    spec.run.out = str(Path(out).resolve())
+    if spec.run.resume:
+        spec.run.resume = os.path.abspath(spec.run.resume)
+    if spec.data.root:
+        spec.data.root = os.path.abspath(spec.data.root)
+    elif spec.data.name in TORCHVISION_DATASETS:
+        spec.data.root = os.path.abspath(DEFAULT_ROOT)
+    return spec
 
 
 def ray_resources(spec: Spec) -> tuple[int, int | None]:

@@ -56,6 +56,22 @@ def test_bad_input_ends_in_one_clear_line(tmp_path, arg, key):
     assert f"lte-fed: error: {key}" in r.stderr, r.stderr[-2000:]
 
 
+@pytest.mark.parametrize("arg, says", [
+    ("lte.rnak=4", "lte.rnak: no such config key (did you mean lte.rank?)"),  # Hydra's struct error
+    ("+lte.rnak=4", "lte.rnak (did you mean lte.rank?)"),  # added by the user, refused by the spec
+    ("model=vit_large", "Could not find 'model/vit_large'"),  # an unknown preset: the choices follow
+    ("data.root", "Error parsing override 'data.root'"),
+    ("lte=3", "lte: a group of keys"),
+])
+def test_a_config_hydra_cannot_compose_ends_in_one_clear_line(tmp_path, arg, says):
+    r = lte_fed(arg, "run.engine=fused", f"run.out={tmp_path / 'x'}", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    line = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(line) == 1 and line[0].startswith("lte-fed: error: ") and says in line[0], r.stderr[-2000:]
+    if arg.startswith("model="):
+        assert "vit_small" in line[0] and "Config search path" not in line[0]
+
+
 def test_a_diverged_run_stops_in_one_line_and_keeps_its_last_finite_checkpoint(tmp_path):
     out = tmp_path / "x"
     r = lte_fed(*QUICK, "run.engine=fused", "train.lr=1e30", f"run.out={out}", cwd=tmp_path)

@@ -239,6 +239,12 @@ def test_imagefolder_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataError, match="empty"):
         D.load_data("imagefolder", root=str(tmp_path / "empty"))
+    (tmp_path / "a.png").write_bytes(b"")
+    with pytest.raises(D.DataError, match="not a folder"):
+        D.load_data("imagefolder", root=str(tmp_path / "a.png"))
+    _write_pngs(tmp_path / "one", classes=("cat",))  # would "train" to 100% accuracy
+    with pytest.raises(D.DataError, match="1 class folder.*at least 2"):
+        D.load_data("imagefolder", root=str(tmp_path / "one"))
 
 
 def test_imagefolder_reads_16_bit_images_at_their_brightness(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import tarfile
 
@@ -93,6 +94,15 @@ def test_a_missing_corpus_is_one_clear_error(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
     with pytest.raises(DataError, match="not UTF-8"):
         T.load_text("text", root=str(tmp_path / "bin.txt"))
+    os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer forever
+    for name in ("text", "shakespeare"):
+        with pytest.raises(DataError, match="not a regular file|neither a tar archive"):
+            T.load_text(name, root=str(tmp_path / "fifo"))
+
+
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes("\ufeff".encode() + "abc abc\n".encode() * 20)
+    assert "\ufeff" not in T.load_text("text", root=str(tmp_path / "bom.txt")).tokenizer.chars
 
 
 # ------------------------------------------------------------------------------- shards and windows
@@ -199,6 +209,7 @@ def test_a_run_resumes_on_its_data_moved_elsewhere_but_not_on_changed_data(tmp_p
     ({"data": {"tokenizer": "bpe"}}, "data.tokenizer"),
     ({"data": {"root": None}}, "data.root"),
     ({"model": {"block_size": 0}}, "model.block_size"),
+    ({"run": {"sample_tokens": 10 ** 9}}, "run.sample_tokens"),  # days of generation, no error otherwise
 ])
 def test_bad_language_configs_name_the_key(tmp_path, change, key):
     with pytest.raises(SpecError, match=key):
@@ -215,6 +226,15 @@ def test_a_shard_shorter_than_a_window_is_one_clear_error(tmp_path):
     (tmp_path / "c" / "a.txt").write_text("tiny text, far too short for a block\n" * 2)
     with pytest.raises(DataError, match="block_size"):
         batch_source(setup(text_spec(tmp_path / "c", lte={"heads": 4}, model={"block_size": 64})))
+
+
+@pytest.mark.parametrize("change, says", [
+    ({"model": {"block_size": 10 ** 12}}, "head 0's shard holds"),  # building first would try to allocate 1.5 TB
+    ({"model": {"block_size": 200}, "data": {"test_fraction": 0.02}}, "the validation split holds"),
+])
+def test_a_window_the_text_cannot_fill_is_refused_before_the_model_is_built(tmp_path, change, says):
+    with pytest.raises(DataError, match=says):
+        setup(text_spec(write_corpus(tmp_path / "c"), **change))
 
 
 # ------------------------------------------------------------------------------- Flower
@@ -235,10 +255,14 @@ def test_flower_and_fused_end_with_the_same_gpt(tmp_path):
 
 
 @pytest.mark.timeout(900)
-def test_fedavg_trains_a_gpt_through_flower(tmp_path):
+def test_fedavg_trains_a_gpt_through_flower(tmp_path, monkeypatch):
     from strategies.simulation import run_flower
 
-    summary = run_flower(text_spec(write_corpus(tmp_path / "c"), "fedavg", "flower"), tmp_path / "run")
+    # Relative paths are the caller's, although Flower's processes run in the app's directory.
+    write_corpus(tmp_path / "c")
+    monkeypatch.chdir(tmp_path)
+    summary = run_flower(text_spec("c", "fedavg", "flower"), "run")
+    assert summary["config"]["data"]["root"] == str(tmp_path / "c")
     rows = RunDir(tmp_path / "run").read_metrics()
     assert [r["tokens"] for r in rows] == [3 * 8 * 16, 6 * 8 * 16] and summary["final"]["val_loss"] == rows[-1]["val_loss"]
     assert (tmp_path / "run" / "sample.txt").exists()

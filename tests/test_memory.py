@@ -111,6 +111,7 @@ def test_cli_prints_table():
     (["--device-gb", "nan"], "--device-gb"),
     (["--quant", "q3"], "quant"),
     (["--rank", "abc"], "invalid int"),
+    (["--model", "gpt_tiny"], "image models only"),
 ])
 def test_cli_bad_input_exits_2(args, needle, capsys):
     from app.memory import main
