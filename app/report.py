@@ -27,6 +27,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -115,8 +116,12 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     f = path / "metrics.jsonl"
     if not f.exists():
         return []
+    try:
+        text = f.read_text(errors="replace")
+    except OSError:  # unreadable (permissions): the run is listed without its curve
+        return []
     rows = []
-    for line in f.read_text(errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except json.JSONDecodeError:  # a line being written as we read, or a damaged one
@@ -135,25 +140,33 @@ def load_run(path: Path, root: Path) -> Run:
                    error="no summary.json (running, or killed)")
     try:
         summary = json.loads(summary_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows, error=f"unreadable summary.json: {e}")
-    if not (isinstance(summary, dict) and all(isinstance(summary.get(k, {}), dict) for k in ("config", "final", "totals"))):
-        return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows,
-                   error="summary.json is not an lte-fed summary")
-    if summary.get("failed"):
+    if isinstance(summary, dict) and summary.get("failed"):  # a sweep's failed job (app/cli.py)
         return Run(path, name, "failed", flatten(_hydra_config(path)), summary, rows,
                    error=str(summary.get("error", "unknown error")))
+    if not (isinstance(summary, dict) and all(isinstance(summary.get(k), dict) for k in ("config", "final", "totals"))):
+        return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows,
+                   error="summary.json is not an lte-fed summary")
     config = dict(summary.get("config", {}))
     config.pop("resolved", None)
     return Run(path, name, "ok", flatten(config), summary, rows)
 
 
-def find_runs(root: Path, exclude: Path | None = None) -> list[Run]:
-    dirs = {p.parent for p in root.rglob("summary.json")}
-    dirs |= {p.parent.parent for p in root.rglob(".hydra/config.yaml")}
-    dirs |= {p.parent for p in root.rglob("metrics.jsonl")}
+def find_runs(root: Path, exclude: Path | None = None, unreadable: list[str] | None = None) -> list[Run]:
+    """Every run under `root` (a folder with summary.json, metrics.jsonl or Hydra's record);
+    folders that cannot be listed are appended to `unreadable`."""
+    dirs, errors = set(), []
+    for folder, _, files in os.walk(root, onerror=lambda e: errors.append(f"{e.filename} ({e.strerror})")):
+        here = Path(folder)
+        if "summary.json" in files or "metrics.jsonl" in files:
+            dirs.add(here)
+        if here.name == ".hydra" and "config.yaml" in files:
+            dirs.add(here.parent)
     if exclude is not None:
         dirs = {d for d in dirs if exclude not in (d, *d.parents)}
+    if unreadable is not None:
+        unreadable += errors
     return [load_run(d, root) for d in sorted(dirs, key=_natural)]
 
 
@@ -361,14 +374,21 @@ def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
 def make_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, Path]:
     root = Path(sweep)
     if not root.is_dir():
-        raise ReportError(f"{root}: no such directory")
+        raise ReportError(f"{root}: {'not a directory' if root.exists() else 'no such directory'}")
     out = Path(out) if out else root / "report"
     if out.exists() and not out.is_dir():
         raise ReportError(f"--out {out}: exists and is not a directory")
-    runs = find_runs(root, exclude=out.resolve() if out.resolve() != root.resolve() else None)
+    unreadable: list[str] = []
+    runs = find_runs(root, exclude=out.resolve() if out.resolve() != root.resolve() else None, unreadable=unreadable)
+    if unreadable:
+        print(f"lte-fed-report: warning: could not look inside {len(unreadable)} folder(s): {'; '.join(unreadable[:3])}",
+              file=sys.stderr)
     if not runs:
         raise ReportError(f"{root}: no runs found (a run is a directory with summary.json)")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot create it ({e.strerror})") from None
     keys = varying_keys(runs)
     header, rows = table_rows(runs, keys)
     written = {"csv": out / "results.csv", "md": out / "results.md"}
@@ -392,6 +412,9 @@ def main(argv: list[str] | None = None) -> None:
         written = make_report(args.sweep, args.out)
     except ReportError as e:
         print(f"lte-fed-report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # writing the table or a figure: a full disk, a folder made read-only meanwhile
+        print(f"lte-fed-report: error: {e.filename}: {e.strerror}", file=sys.stderr)
         sys.exit(2)
     print((Path(written["md"])).read_text())
     print(f"table:   {written['md']}\n         {written['csv']}")

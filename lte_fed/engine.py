@@ -173,7 +173,7 @@ class FusedRun:
             if self.uplink is not None:
                 self.uplink.load(unprefixed("uplink", tensors))
             self.step, self.round, self.wall = int(meta["step"]), int(meta["round"]), float(meta["wall_s"])
-        self.dir.adopt_history(src, self.round)
+        self.dir.adopt(src, self.round)
 
     # --- the whole run
     def run(self, stop_after_rounds: int | None = None) -> dict:

@@ -107,7 +107,10 @@ class RunDir:
         before its checkpoint) is left out; any other bad line is an error naming it."""
         if not self.metrics_path.exists():
             return []
-        text = self.metrics_path.read_text()
+        try:
+            text = self.metrics_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise SpecError(f"{self.metrics_path} is not text ({e}): the run's history is damaged") from None
         lines = text.splitlines()
         rows = []
         for i, line in enumerate(lines, 1):
@@ -125,11 +128,17 @@ class RunDir:
             rows.append(row)
         return rows
 
-    def adopt_history(self, source: "RunDir", last_round: int) -> None:
-        """On resume: this run's history is `source`'s up to the checkpoint we resume from (rows
-        logged after it are dropped: they will be logged again). `source` may be this run dir."""
+    def adopt(self, source: "RunDir", last_round: int) -> None:
+        """On resume: this run's record is `source`'s as of the checkpoint we resume from — its
+        history up to that round (rows logged after it are dropped: they will be logged again),
+        checked to be whole, and (into another dir) the checkpoint itself, so that this run can be
+        resumed before its own first checkpoint. `source` may be this run dir."""
         rows = [r for r in source.read_metrics() if r["round"] <= last_round]
-        _atomic(self.metrics_path, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in rows)))
+        check_history(rows, last_round, source.metrics_path)
+        text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows)
+        if source.path.resolve() != self.path.resolve():
+            _atomic(self.checkpoint_path, lambda p: shutil.copyfile(source.checkpoint_path, p))
+        _atomic(self.metrics_path, lambda p: p.write_text(text))
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         text = json.dumps(jsonable(summary), indent=2, default=str, allow_nan=False)
@@ -161,17 +170,18 @@ class RunDir:
         header = {_META_KEY: json.dumps(jsonable(meta), allow_nan=False)}
         _atomic(self.checkpoint_path, lambda p: save_file(flat, str(p), metadata=header))
 
-    def load_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def load_checkpoint(self, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, meta) of the checkpoint; SpecError (naming run.resume) if there is none or
-        it cannot be read."""
+        it cannot be read. tensors=False: its metadata only (the tensors dict is empty)."""
         from safetensors import safe_open
 
         if not self.checkpoint_path.exists():
             raise SpecError(f"run.resume: no {CHECKPOINT} in {self.path}")
+        want = tensors
         try:
             with safe_open(str(self.checkpoint_path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                tensors = {k: f.get_tensor(k) for k in f.keys()} if want else {}
         except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: say so, in one line
             raise SpecError(f"run.resume: {self.checkpoint_path} is not a readable lte-fed checkpoint "
                             f"({type(e).__name__}: {e})") from None
@@ -181,6 +191,15 @@ class RunDir:
         if not (counters_ok and isinstance(meta.get("wall_s"), (int, float)) and isinstance(meta.get("spec"), dict)):
             raise SpecError(f"run.resume: {self.checkpoint_path}'s metadata is damaged (it needs round and step "
                             "as integers >= 0, wall_s and spec)")
+        try:  # the counters agree with the spec's schedule: round r ends at step min(r T, steps)
+            every, steps = int(meta["spec"]["lte"]["merge_every"]), int(meta["spec"]["train"]["steps"])
+            at = min(meta["round"] * every, steps)
+            ok = every > 0 and meta["round"] <= -(-steps // every) and meta.get("step", at) == at
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise SpecError(f"run.resume: {self.checkpoint_path}'s metadata is damaged (round {meta['round']}, step "
+                            f"{meta.get('step')} do not fit its spec's lte.merge_every and train.steps)")
         return tensors, meta
 
     def client_state_dir(self) -> Path:
@@ -193,6 +212,31 @@ class RunDir:
         if src.resolve() == dst.resolve() or not src.is_dir():
             return
         shutil.copytree(src, dst, dirs_exist_ok=True)
+
+
+def check_history(rows: list[dict[str, Any]], last_round: int, path: Path) -> None:
+    """SpecError unless `rows` are rounds 1..last_round in order, each with every metrics field
+    as a number (an evaluation may be null: NaN is stored so): a history with a round lost,
+    repeated or damaged would make the resumed run's totals wrong."""
+    rounds = [r["round"] for r in rows]
+    if rounds != list(range(1, last_round + 1)):
+        raise SpecError(f"run.resume: {path} holds rounds {_span(rounds)}, not 1..{last_round} (the checkpoint's "
+                        "round) in order: the run's history is damaged")
+    for r in rows:
+        evals = next((keys for keys in EVAL_FIELDS if all(k in r for k in keys)), ())
+        bad = [k for k in METRIC_FIELDS + evals if not _number(r.get(k), nullable=k in evals or k == "train_loss")]
+        if bad or not evals:
+            raise SpecError(f"run.resume: {path}, round {r['round']}: " + (f"{', '.join(bad)} missing or not a number"
+                            if bad else "no evaluation (test_loss/test_acc or val_loss/perplexity/tokens)")
+                            + ": the run's history is damaged")
+
+
+def _number(v: Any, nullable: bool) -> bool:
+    return (v is None and nullable) or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _span(rounds: list[int]) -> str:
+    return "none" if not rounds else ", ".join(map(str, rounds[:6])) + (" ..." if len(rounds) > 6 else "")
 
 
 def merged_nothing(rows: list[dict[str, Any]]) -> bool:
@@ -257,6 +301,11 @@ def check_tensors_fit(saved: dict[str, torch.Tensor], expected: dict[str, torch.
         if saved[k].shape != t.shape:
             raise SpecError(f"run.resume: the checkpoint in {src.path} holds another {what} ({k} has shape "
                             f"{tuple(saved[k].shape)}, this run's {tuple(t.shape)})")
+        if saved[k].dtype != t.dtype:  # loading would cast silently (fp16 loses what fp32 held)
+            raise SpecError(f"run.resume: the checkpoint in {src.path} holds another {what} ({k} is "
+                            f"{saved[k].dtype}, this run's {t.dtype})")
+        if saved[k].is_floating_point() and not torch.isfinite(saved[k]).all():  # a run stops before saving NaN
+            raise SpecError(f"run.resume: the checkpoint in {src.path} is damaged ({k} holds NaN or inf)")
 
 
 @contextlib.contextmanager
@@ -273,6 +322,15 @@ def restoring(src: RunDir):
 def checkpoint_meta(job, **meta: Any) -> dict[str, Any]:
     """A checkpoint's metadata: `meta` and what `open_resume` checks (the spec, the data's hash)."""
     return {"spec": job.spec.to_dict(), "data_id": job.data_id, **meta}
+
+
+def precheck_resume(spec) -> None:
+    """Before a Flower run starts (its ServerApp checks everything, ~20 s later): the checks of
+    `open_resume` and `adopt` that need neither the data nor the tensors."""
+    src = RunDir.existing(spec.run.resume)
+    _, meta = src.load_checkpoint(tensors=False)
+    check_resumable(meta["spec"], spec.to_dict())
+    check_history([r for r in src.read_metrics() if r["round"] <= meta["round"]], meta["round"], src.metrics_path)
 
 
 def open_resume(job) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:

@@ -142,19 +142,30 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
             for k, v in st.items()}
 
 
+ADAM_STATE = {"step", "exp_avg", "exp_avg_sq"}  # what AdamW keeps per parameter (make_optimizer)
+
+
 def load_optimizer_tensors(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    """Inverse of `optimizer_tensors` (an empty dict leaves a fresh optimizer)."""
+    """Inverse of `optimizer_tensors`, for state saved after at least one step. ValueError, naming
+    it, for state that would not give back the same optimizer: none at all, a parameter's part
+    missing, another shape or dtype, or NaN (torch would take most of these and fail, or train
+    on wrong moments, only at the next step)."""
     if not flat:
-        return
+        raise ValueError("no optimizer state (AdamW's moments are saved with every checkpoint)")
     sd = opt.state_dict()
     params = [p for g in opt.param_groups for p in g["params"]]  # in state_dict's index order
     state: dict[int, dict] = {}
     for key, t in flat.items():
         i, _, k = key.partition(".")
-        if not (i.isdigit() and int(i) < len(params)) or (t.ndim and t.shape != params[int(i)].shape):
-            # torch would take it and fail (or broadcast) only at the next step
-            raise ValueError(f"optimizer state {key!r} {tuple(t.shape)} fits no parameter of this model")
+        p = params[int(i)] if i.isdigit() and int(i) < len(params) else None
+        if p is None or (t.ndim and (t.shape != p.shape or t.dtype != p.dtype)):
+            raise ValueError(f"optimizer state {key!r} {tuple(t.shape)} {t.dtype} fits no parameter of this model")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"optimizer state {key!r} holds NaN or inf")
         state.setdefault(int(i), {})[k] = t
+    for i, st in state.items():
+        if st.keys() != ADAM_STATE:
+            raise ValueError(f"optimizer state of parameter {i} holds {sorted(st)}, not {sorted(ADAM_STATE)}")
     sd["state"] = state
     opt.load_state_dict(sd)
 

@@ -121,6 +121,6 @@ class FedAvgStrategy(RoundLoop):
         with restoring(src):
             self.round = self.checkpointed = int(meta["round"])
             self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
-        self.dir.adopt_history(src, self.round)
+        self.dir.adopt(src, self.round)
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)

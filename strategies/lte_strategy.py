@@ -323,7 +323,7 @@ class LTEStrategy(RoundLoop):
             self.wall, self.run_id = float(meta["wall_s"]), str(meta["run_id"])
             self.skipped_samples = int(meta.get("skipped_samples", 0))
             self.trust_local = set(int(h) for h in meta["trust_local"])
-        self.dir.adopt_history(src, self.round)
+        self.dir.adopt(src, self.round)
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)
 

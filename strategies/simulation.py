@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from lte_fed.rundir import RunDir, diverged, merged_nothing
+from lte_fed.rundir import RunDir, diverged, merged_nothing, precheck_resume
 from lte_fed.spec import (ERROR_PREFIX, ReportedError, Spec, SpecError, TrainingDiverged, flower_run_config,
                           parse_fleet, toml_lines, validate)
 
@@ -41,6 +41,8 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     nodes = simulation_nodes(spec)
     if spec.method != "fedavg":
         spec.run.nodes = nodes  # the server waits for exactly these
+    if spec.run.resume:  # what can be checked now, not after Flower has started
+        precheck_resume(spec)
     rundir = RunDir(spec.run.out)
     log_path = rundir.path / "flower.log"
     cmd = [sys.executable, "-m", "strategies.launcher", "--nodes", str(nodes),

@@ -89,6 +89,8 @@ def test_resuming_a_finished_run_into_a_new_directory_reports_it(tmp_path):
     assert again.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
     assert RunDir(tmp_path / "b").read_metrics() == RunDir(tmp_path / "a").read_metrics()
     assert max_abs_diff(model_of(tmp_path / "a"), model_of(tmp_path / "b")) == 0.0
+    # b holds the checkpoint it continued from: b itself can be resumed
+    assert (tmp_path / "b" / "checkpoint.safetensors").read_bytes() == (tmp_path / "a" / "checkpoint.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("change, key", [("lte.rank=8", "lte.rank"), ("run.seed=1", "run.seed"),
@@ -184,6 +186,13 @@ DAMAGES = {
     "a step as text": dict(meta=lambda m: m | {"step": "4"}),
     "no round": dict(meta=lambda m: {k: v for k, v in m.items() if k != "round"}),
     "metadata a list": dict(meta=lambda m: [m]),
+    "a step its round cannot have reached": dict(meta=lambda m: m | {"step": 1000}),
+    # read silently these would train on: a fresh AdamW, moments rounded to fp16, NaN
+    "no optimizer state": dict(tensors=lambda t: {k: v for k, v in t.items() if not k.startswith("opt.")}),
+    "one optimizer moment missing": dict(tensors=lambda t: {k: v for k, v in t.items() if k != _first(t, "opt.", "exp_avg_sq")}),
+    "tensors in fp16": dict(tensors=lambda t: {k: v.half() if v.is_floating_point() else v for k, v in t.items()}),
+    "an optimizer moment in fp16": dict(tensors=lambda t: t | {(k := _first(t, "opt.", "exp_avg")): t[k].half()}),
+    "a model tensor of NaN": dict(tensors=lambda t: t | {(k := _first(t, "model.", "lora_A")): torch.full_like(t[k], float("nan"))}),
 }
 
 
@@ -219,3 +228,55 @@ def test_a_metrics_line_torn_by_a_kill_is_dropped_on_resume_and_a_damaged_one_na
         (tmp_path / "metrics.jsonl").write_bytes((tmp_path / "b.jsonl").read_bytes())
         with pytest.raises(SpecError, match="metrics.jsonl line 2"):
             rd.read_metrics()
+
+
+HISTORY_DAMAGES = {  # each would have made the resumed run's totals (sync steps, bytes) wrong
+    "round 2's row cut short": lambda text: text[:text.rindex('{"round": 2') + 20],
+    "the history gone": lambda text: "",
+    "round 1 twice": lambda text: text.splitlines(keepends=True)[0] + text,
+    "a row without bytes_up": lambda text: text.replace('"bytes_up"', '"bytes_upp"', 1),
+    "an accuracy as text": lambda text: text.replace('"test_acc": ', '"test_acc": "high", "was": ', 1),
+    "binary junk": lambda text: text + "\udcff\udcfe",
+}
+
+
+@pytest.mark.parametrize("damage", HISTORY_DAMAGES)
+def test_a_damaged_history_is_refused_on_resume_and_the_source_left_as_it_was(tmp_path, damage):
+    from lte_fed.engine import FusedRun, run_fused
+    from lte_fed.spec import SpecError
+
+    from .helpers import quick_spec
+
+    FusedRun(quick_spec(train={"steps": 9}), tmp_path / "a").run(stop_after_rounds=2)
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    metrics.write_bytes(HISTORY_DAMAGES[damage](metrics.read_text()).encode("utf-8", "surrogateescape"))
+    before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()}
+    with pytest.raises(SpecError, match=r"metrics\.jsonl"):
+        run_fused(quick_spec(train={"steps": 9}, run={"resume": str(tmp_path / "a")}), tmp_path / "b")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir() if p.is_file()} == before
+
+
+def test_a_nan_in_the_history_is_carried_as_null(tmp_path):
+    from lte_fed.engine import FusedRun, run_fused
+
+    from .helpers import quick_spec
+
+    FusedRun(quick_spec(train={"steps": 9}), tmp_path / "a").run(stop_after_rounds=2)
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().replace('"train_loss": ', '"train_loss": NaN, "was": ', 1))
+    run_fused(quick_spec(train={"steps": 9}, run={"resume": str(tmp_path / "a")}), tmp_path / "b")
+    text = (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert "NaN" not in text and json.loads(text.splitlines()[0])["train_loss"] is None
+
+
+def test_a_flower_resume_that_cannot_fit_is_refused_before_flower_starts(tmp_path):
+    from lte_fed.engine import run_fused
+    from lte_fed.spec import SpecError
+    from strategies.simulation import run_flower
+
+    from .helpers import quick_spec
+
+    run_fused(quick_spec(), tmp_path / "a")
+    with pytest.raises(SpecError, match="run.engine='flower' differs from the checkpoint's 'fused'"):
+        run_flower(quick_spec(engine="flower", run={"resume": str(tmp_path / "a")}), tmp_path / "b")
+    assert not (tmp_path / "b" / "flower.log").exists()  # refused up front, not ~20 s into a Flower run

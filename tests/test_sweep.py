@@ -110,6 +110,7 @@ def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path,
     run("texty", good | {"config": {"method": "lte", "lte": {"rank": 8}}, "final": {"test_acc": "high"}})
     run("a-list", [])
     run("broken-hydra", None, hydra="method: [unclosed\n  : :\n")
+    run("empty-summary", {})
     out = tmp_path / "report"
     report_main([str(tmp_path / "sweep"), "--out", str(out)])
     with open(out / "results.csv") as f:
@@ -117,11 +118,18 @@ def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path,
     assert status["good"][0] == "ok" and status["texty"][0] == "ok"
     assert status["a-list"] == ("failed", "summary.json is not an lte-fed summary")
     assert status["broken-hydra"][0] == "incomplete"
+    assert status["empty-summary"] == ("failed", "summary.json is not an lte-fed summary")
     assert (out / "accuracy.png").exists()
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as e:
         report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a-file")])
     assert e.value.code == 2 and "is not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # a folder that cannot be made: one line, not a traceback
+        report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "a-file" / "sub")])
+    assert e.value.code == 2 and "cannot create it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        report_main([str(tmp_path / "a-file")])
+    assert e.value.code == 2 and "a-file: not a directory" in capsys.readouterr().err
 
 
 def test_the_report_blanks_keys_that_do_nothing_for_a_method(tmp_path):
