@@ -295,7 +295,13 @@ def _load_head(model: StackedLTE, i: int, store: "StateFiles", source: str, comm
     if source == "fresh":  # never trained: as built, A drawn from (seed, head), B and V zero
         return None, {}
     if source in ("local", "local-or-restore"):
-        saved = store.load(state_round)
+        try:
+            saved = store.load(state_round)
+        except ValueError as e:
+            if source == "local" or not restore:
+                raise
+            log.warning("%s; %s starts from the server's copy instead", e, store.name)  # as if the file were lost
+            saved = None
         if saved is not None:
             model.load_head_state(i, unprefixed("head", saved))
             if committed:
@@ -395,9 +401,12 @@ class StateFiles:
         if not path.exists():
             return None
         log.info("%s: state of round %d loaded from %s", self.name, rnd, path)
-        with safe_open(str(path), "pt") as f:
-            layout = (f.metadata() or {}).get(LAYOUT)
-            stored = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(path), "pt") as f:
+                layout = (f.metadata() or {}).get(LAYOUT)
+                stored = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001 -- truncated or overwritten (a full disk, a crash): say which file
+            raise ValueError(f"{path}: not a readable state file ({type(e).__name__}: {e})") from None
         try:  # files without a layout hold one tensor per name (written before packing)
             return stored if layout is None else P.unpack_tensors(stored, layout)
         except (ValueError, KeyError, TypeError) as e:

@@ -365,3 +365,25 @@ def test_under_a_deadline_a_node_too_slow_for_t_steps_is_sent_the_steps_that_fit
     assert sent_steps[2] == ({100: 4, 101: 2} if deadline_steps == "fit" else {100: 4, 101: 4})
     # the 2 steps not sent, of 4 samples each (batch 8 over 2 heads), do not count as seen
     assert strategy.skipped_samples == (2 * 4 if deadline_steps == "fit" else 0)
+
+
+def test_a_damaged_state_file_falls_back_to_the_servers_copy_where_the_server_sent_one(tmp_path):
+    """After a server restart ("local-or-restore"), a node whose saved state cannot be read (cut
+    short by a crash or a full disk) trains the head from the server's copy, as if the file were
+    lost; where the server sent no copy ("local"), the error names the file."""
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as CA
+    from lte_fed.lte import StackedLTE
+
+    s = spec(lte={"heads": 2, "rank": 4})
+    model = StackedLTE(setup(s).plain, lte_config(s), [0], [4])
+    store = CA.StateFiles(Context(1, 1, {"state-dir": str(tmp_path)}, RecordDict(), {}), s, "run1", "head-0")
+    restore = {k: torch.full_like(t, 0.5) for k, t in model.head_state(0).items()}
+    store.save(model.head_state(0), {}, rnd=3, keep_from=0)
+    store._file(3).write_bytes(store._file(3).read_bytes()[:100])  # cut short
+    with pytest.raises(ValueError, match=r"head-0-r3\.safetensors: not a readable state file"):
+        CA._load_head(model, 0, store, "local", True, restore, 3)
+    opt, resid = CA._load_head(model, 0, store, "local-or-restore", True, restore, 3)
+    assert opt is None and resid == {}  # AdamW anew, as for a lost file
+    assert all(torch.equal(model.head_state(0)[k], restore[k]) for k in restore)
