@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lte_fed.rundir import RunDir, claimed
-from lte_fed.spec import ERROR_PREFIX, Spec, did_you_mean, register_with_hydra, user_errors
+from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
 
@@ -82,7 +82,12 @@ def _report_text(summary: dict, out: str | Path) -> str:
 
 
 def reference_for(cfg: dict) -> dict | None:
+    """The stored full-training run of this data and model, where this run sees the same
+    images and test split (the reference used the default size, patch and test fraction)."""
     if not REFERENCE_PATH.exists() or cfg["method"] == "full":
+        return None
+    if cfg["model"].get("img_size") or cfg["model"].get("patch_size") or \
+            cfg["data"].get("test_fraction") != DataSpec().test_fraction:
         return None
     refs = json.loads(REFERENCE_PATH.read_text())
     return refs.get(f"{cfg['data']['name']}/{cfg['model']['name']}")

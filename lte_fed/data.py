@@ -150,35 +150,76 @@ def _torchvision(name: str, root: str, download: bool) -> ImageData:
     return _make(name, to_x(tr), to_y(tr), to_x(te), to_y(te), num_classes)
 
 
-def _imagefolder(root: str | None, size: int, test_fraction: float, seed: int) -> ImageData:
-    """Class subfolders under root (or under root/train and root/val|test), loaded and resized to
-    size x size (shorter side to size, then a centre crop: no distortion), as RGB."""
-    from torchvision.datasets import ImageFolder
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+HELD_OUT = ("val", "valid", "validation", "test")  # beside train/: the held-out split
 
+
+def _imagefolder(root: str | None, size: int, test_fraction: float, seed: int) -> ImageData:
+    """Class subfolders under root (or under root/train and root/val|valid|validation|test),
+    loaded and resized to size x size (shorter side to size, then a centre crop: no
+    distortion), as RGB. Hidden files and folders are skipped; an image reached twice (a
+    symlink) is refused: it could land in both the training and the test split."""
     if root is None:
         raise DataError("data.root must name a folder of class subfolders for data.name=imagefolder")
     if not os.path.isdir(root):
         what = "not a folder" if os.path.exists(root) else "no such folder"
         raise DataError(f"data.root={root!r}: {what} ({os.path.abspath(root)}); imagefolder expects "
                         f"class subfolders of images there, or train/ and val/ (or test/) each holding them")
-    held_out = next((s for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
-    try:
-        if os.path.isdir(os.path.join(root, "train")) and held_out:
-            tr, te = ImageFolder(os.path.join(root, "train")), ImageFolder(os.path.join(root, held_out))
-            if tr.class_to_idx != te.class_to_idx:
-                raise DataError(f"{root}: train/ and {held_out}/ have different class folders")
-            (train_x, train_y), (test_x, test_y) = _read_images(tr, size), _read_images(te, size)
-        else:
-            ds = ImageFolder(root)
-            x, y = _read_images(ds, size)
-            itr, ite = _stratified_split(y, test_fraction, seed)
-            train_x, train_y, test_x, test_y, tr = x[itr], y[itr], x[ite], y[ite], ds
-    except FileNotFoundError as e:  # ImageFolder: no class folders, or a class without images
-        raise DataError(f"data.root={root!r}: {e}") from None
+    held_out = next((s for s in HELD_OUT if os.path.isdir(os.path.join(root, s))), None)
+    if os.path.isdir(os.path.join(root, "train")):
+        if not held_out:
+            raise DataError(f"data.root={root!r} holds train/ but none of {', '.join(h + '/' for h in HELD_OUT)} beside "
+                            f"it; point data.root at the train/ folder itself to split it (data.test_fraction)")
+        tr, te = _image_folder(os.path.join(root, "train")), _image_folder(os.path.join(root, held_out))
+        if tr.classes != te.classes:
+            missing = sorted(set(tr.classes) ^ set(te.classes))
+            raise DataError(f"{root}: train/ and {held_out}/ have different class folders (in one only: "
+                            f"{', '.join(missing[:5])}); each class needs a folder in both")
+        _refuse_duplicates(tr.samples + te.samples)
+        (train_x, train_y), (test_x, test_y) = _read_images(tr, size), _read_images(te, size)
+    else:
+        tr = _image_folder(root)
+        _refuse_duplicates(tr.samples)
+        x, y = _read_images(tr, size)
+        itr, ite = _stratified_split(y, test_fraction, seed)
+        train_x, train_y, test_x, test_y = x[itr], y[itr], x[ite], y[ite]
     if len(tr.classes) < 2:  # one class: every prediction right, nothing learnt
         raise DataError(f"data.root={root!r}: {len(tr.classes)} class folder ({', '.join(tr.classes)}); a classifier "
                         "needs at least 2, one subfolder of images per class")
     return _make("imagefolder", train_x, train_y, test_x, test_y, len(tr.classes))
+
+
+def _image_folder(root: str):
+    """torchvision's ImageFolder over `root`, without hidden class folders or files (.git,
+    .ipynb_checkpoints, macOS's ._x.png) and with GIF; DataError for a class without images."""
+    from torchvision.datasets import ImageFolder
+
+    class Visible(ImageFolder):
+        def find_classes(self, directory):
+            classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+            if not classes:
+                raise FileNotFoundError(f"no class folders in {directory}")
+            return classes, {c: i for i, c in enumerate(classes)}
+
+    def is_image(path: str) -> bool:
+        rel = os.path.relpath(path, root).split(os.sep)
+        return path.lower().endswith(IMAGE_EXTENSIONS) and not any(part.startswith(".") for part in rel)
+
+    try:
+        return Visible(root, is_valid_file=is_image)
+    except FileNotFoundError as e:  # no class folders, or a class without images
+        raise DataError(f"data.root={root!r}: {e} (images are {' '.join(IMAGE_EXTENSIONS)} files; hidden ones "
+                        "are skipped)") from None
+
+
+def _refuse_duplicates(samples: list[tuple[str, int]]) -> None:
+    seen: dict[str, str] = {}
+    for path, _ in samples:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise DataError(f"{path} and {seen[real]} are the same image (a symlink, or a loop of them): an image must "
+                            "be in the data once, or it can be both trained on and tested on")
+        seen[real] = path
 
 
 def _read_images(ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,10 +240,20 @@ def _read_images(ds, size: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _rgb(path: str):
     """The image at `path` as 8-bit RGB. 16-bit images (PNG, TIFF) are scaled down to 8 bits:
-    Pillow's own conversion would clip every value over 255, making most of the image white."""
+    Pillow's own conversion would clip every value over 255, making most of the image white.
+    Float images (TIFF "F") in [0, 1] are scaled up (Pillow's would make them black), in
+    [0, 255] kept; any other range is refused rather than guessed."""
     from PIL import Image
 
     with Image.open(path) as img:
+        if img.mode == "F":
+            a = np.asarray(img, dtype=np.float64)
+            lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+            if not (np.isfinite(a).all() and lo >= 0 and hi <= 255):
+                raise ValueError(f"a float image with values in [{lo:g}, {hi:g}], not [0, 1] or [0, 255]: "
+                                 "convert it to 8 or 16 bits")
+            scale = 255.0 if hi <= 1.0 else 1.0
+            return Image.fromarray(np.rint(a * scale).astype(np.uint8)).convert("RGB")
         if img.mode.startswith("I"):  # "I;16*" (16-bit) or "I" (32-bit ints, how 16-bit PNGs often open)
             a = np.asarray(img).astype(np.int64)
             if img.mode.startswith("I;16") or a.max() > 255:

@@ -82,6 +82,8 @@ def setup(spec: Spec, *, data: D.ImageData | T.TextData | None = None, skeleton:
             T.check_fits(data, text_shards(spec, data))
         if spec.method in LORA_METHODS:
             _warn_rank_above_dims(twin, spec)
+        if not text and splits_data(spec):
+            _warn_small_shards(data, spec)
     with torch.device("meta") if skeleton else contextlib.nullcontext():
         plain = build()
     if text:
@@ -101,6 +103,19 @@ def _warn_rank_above_dims(model: nn.Module, spec: Spec) -> None:
         names = ", ".join(f"{name} ({d})" for name, d in small[:4]) + (f" and {len(small) - 4} more" if len(small) > 4 else "")
         log.warning("rank %d is above min(out, in) of %d of %d LoRA layers: %s; B·A cannot have a rank above "
                     "that, so their extra rank is trained, stored and sent for nothing", rank, len(small), len(p.lora), names)
+
+
+def _warn_small_shards(data: D.ImageData, spec: Spec) -> None:
+    """Warn where a head's shard holds fewer samples than its batch (a Dirichlet split with a
+    small data.alpha can leave a head one image): that head trains on repeats of them, and its
+    update still weighs 1/N in the merge."""
+    per_head = spec.train.batch_size // spec.lte.heads
+    sizes = [len(s) for s in D.partition(data.train_y, spec.lte.heads, spec.data.partition, spec.data.alpha, spec.run.seed)]
+    small = [(n, k) for n, k in enumerate(sizes) if k < per_head]
+    if small:
+        log.warning("%d of %d heads hold fewer samples than their batch of %d (data.partition=%s, data.alpha=%g): "
+                    "%s; each of their batches repeats samples", len(small), len(sizes), per_head, spec.data.partition,
+                    spec.data.alpha, ", ".join(f"head {n}: {k}" for n, k in small[:6]))
 
 
 def load_job_data(spec: Spec) -> D.ImageData | T.TextData:

@@ -148,10 +148,14 @@ class RunDir:
         return json.loads((self.path / "summary.json").read_text())
 
     def save_model(self, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+        """model.safetensors, with `metadata` as one JSON string under "lte-fed": safetensors
+        writes several keys in an order that changes from process to process, and the same
+        run must give the same bytes."""
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
-        _atomic(self.path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=metadata))
+        header = {_META_KEY: json.dumps(metadata or {}, sort_keys=True)}
+        _atomic(self.path / "model.safetensors", lambda p: save_file(tensors, str(p), metadata=header))
 
     def load_model(self) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

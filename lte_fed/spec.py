@@ -400,7 +400,7 @@ def validate(s: Spec) -> Spec:
           f"{s.model.name!r} is {'a language model' if is_language_model(s.model.name) else 'an image model'} but "
           f"data.name={s.data.name!r} is {'text' if text else 'image data'}")
     # data.name=X alone keeps the other data keys of the preset it replaced; data=X selects X's
-    preset = f" (to get {s.data.name}'s defaults, select its preset: data={s.data.name}, not data.name={s.data.name})"
+    preset = f" (if you switched data sets with data.name={s.data.name}, select its preset instead: data={s.data.name})"
     if text:
         _need(s.data.partition in PARTITIONS, "data.partition",
               f"{s.data.partition!r} is not one of {', '.join(PARTITIONS)} (text data){preset}")

@@ -149,3 +149,13 @@ def test_ctrl_c_stops_a_flower_run_and_says_how_to_resume(tmp_path):
     assert f"resume with run.resume={out}" in err and "Traceback" not in err, err[-3000:]
     assert tagged_processes(tag) == [], "the stopped run left processes running"
     assert not (out / "summary.json").exists()
+
+
+def test_a_run_is_compared_with_the_stored_full_run_only_on_the_same_images():
+    from app.cli import reference_for
+    from lte_fed.spec import Spec
+
+    cfg = Spec.from_dict({"data": {"name": "digits"}, "model": {"name": "vit_digits"}}).to_dict()
+    assert reference_for(cfg)["method"] == "full"
+    for group, key, value in (("model", "img_size", 7), ("model", "patch_size", 7), ("data", "test_fraction", 0.5)):
+        assert reference_for(cfg | {group: cfg[group] | {key: value}}) is None, key

@@ -272,3 +272,54 @@ def test_imagefolder_names_a_file_it_cannot_or_will_not_decode(tmp_path, monkeyp
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20)  # a 12x10 image is then a "decompression bomb"
     with pytest.raises(D.DataError, match="larger than Pillow's safety limit"):
         D.load_data("imagefolder", root=str(tmp_path), img_size=8)
+
+
+def test_imagefolder_reads_what_a_user_folder_holds_and_refuses_what_it_would_misread(tmp_path):
+    from PIL import Image
+
+    # train/ + valid/ is a split, not two classes; hidden folders and files are not classes or images
+    _write_pngs(tmp_path / "tv" / "train", n=3)
+    _write_pngs(tmp_path / "tv" / "valid", n=2)
+    _write_pngs(tmp_path / "tv" / "train" / ".ipynb_checkpoints", classes=("x",), n=1)
+    (tmp_path / "tv" / "train" / "cat" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    d = D.load_data("imagefolder", root=str(tmp_path / "tv"), img_size=6)
+    assert d.num_classes == 2 and len(d.train_y) == 6 and len(d.test_y) == 4
+    # a class missing from the held-out split is named
+    _write_pngs(tmp_path / "tv" / "train", classes=("eel",), n=2)
+    with pytest.raises(D.DataError, match="in one only: eel"):
+        D.load_data("imagefolder", root=str(tmp_path / "tv"))
+    # train/ alone: not read as a class called "train"
+    _write_pngs(tmp_path / "only" / "train", n=2)
+    with pytest.raises(D.DataError, match="holds train/ but none of"):
+        D.load_data("imagefolder", root=str(tmp_path / "only"))
+    # float TIFFs in [0, 1] keep their brightness (Pillow alone turns them black); GIFs are read
+    for c, v in (("dark", 0.2), ("light", 0.8)):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), v, dtype=np.float32), mode="F").save(tmp_path / "f" / c / "0.tif")
+        Image.fromarray(np.full((4, 4), int(v * 255), dtype=np.uint8)).save(tmp_path / "f" / c / "1.gif")
+    d = D.load_data("imagefolder", root=str(tmp_path / "f"), img_size=4, test_fraction=0.5)
+    x = torch.cat([d.train_x, d.test_x]).float().mean(dim=(1, 2, 3))
+    assert sorted(x.round().tolist()) == [51.0, 51.0, 204.0, 204.0]
+    Image.fromarray(np.full((4, 4), 1000.0, dtype=np.float32), mode="F").save(tmp_path / "f" / "dark" / "2.tif")
+    with pytest.raises(D.DataError, match=r"2\.tif: not a readable image \(a float image with values in \[1000"):
+        D.load_data("imagefolder", root=str(tmp_path / "f"), img_size=4)
+    # a symlink loop (or a linked duplicate) would put one image in both train and test
+    _write_pngs(tmp_path / "loop", n=2)
+    (tmp_path / "loop" / "cat" / "up").symlink_to("..")
+    with pytest.raises(D.DataError, match="are the same image"):
+        D.load_data("imagefolder", root=str(tmp_path / "loop"))
+
+
+def test_a_head_left_fewer_samples_than_its_batch_is_warned_about(caplog):
+    from lte_fed.job import setup
+    from lte_fed.spec import Spec
+
+    spec = Spec.from_dict({"data": {"name": "digits", "partition": "dirichlet", "alpha": 0.001},
+                           "lte": {"heads": 8}, "run": {"engine": "fused", "device": "cpu"}})
+    with caplog.at_level("WARNING", logger="lte_fed"):
+        setup(spec)
+    assert "heads hold fewer samples than their batch of 8" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lte_fed"):
+        setup(Spec.from_dict({"lte": {"heads": 8}, "run": {"engine": "fused", "device": "cpu"}}))  # iid
+    assert "fewer samples" not in caplog.text

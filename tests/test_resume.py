@@ -154,6 +154,15 @@ def test_a_checkpoint_is_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
+def test_the_same_model_is_saved_as_the_same_bytes(tmp_path):
+    """sha256 of model.safetensors is a fair check that two runs agree (its metadata's order in
+    the header used to change from save to save)."""
+    state = {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2)}
+    for i in range(8):
+        RunDir(tmp_path / str(i)).save_model(state, metadata={"model": "vit_digits", "method": "lte"})
+    assert len({(tmp_path / str(i) / "model.safetensors").read_bytes() for i in range(8)}) == 1
+
+
 def test_metrics_are_strict_json(tmp_path):
     """A NaN (FedAvg's train loss in a round nobody answered, a diverged head) is written as null."""
     rd = RunDir(tmp_path)
