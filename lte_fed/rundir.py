@@ -128,13 +128,19 @@ class RunDir:
             rows.append(row)
         return rows
 
+    def history_until(self, last_round: int) -> list[dict[str, Any]]:
+        """The rows of rounds 1..last_round (a resume's checkpoint round), checked whole
+        (`check_history`); rows logged after it are left out."""
+        rows = [r for r in self.read_metrics() if r["round"] <= last_round]
+        check_history(rows, last_round, self.metrics_path)
+        return rows
+
     def adopt(self, source: "RunDir", last_round: int) -> None:
         """On resume: this run's record is `source`'s as of the checkpoint we resume from — its
         history up to that round (rows logged after it are dropped: they will be logged again),
         checked to be whole, and (into another dir) the checkpoint itself, so that this run can be
         resumed before its own first checkpoint. `source` may be this run dir."""
-        rows = [r for r in source.read_metrics() if r["round"] <= last_round]
-        check_history(rows, last_round, source.metrics_path)
+        rows = source.history_until(last_round)
         text = "".join(json.dumps(jsonable(r), allow_nan=False) + "\n" for r in rows)
         if source.path.resolve() != self.path.resolve():
             _atomic(self.checkpoint_path, lambda p: shutil.copyfile(source.checkpoint_path, p))
@@ -174,18 +180,17 @@ class RunDir:
         header = {_META_KEY: json.dumps(jsonable(meta), allow_nan=False)}
         _atomic(self.checkpoint_path, lambda p: save_file(flat, str(p), metadata=header))
 
-    def load_checkpoint(self, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def load_checkpoint(self, with_tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, meta) of the checkpoint; SpecError (naming run.resume) if there is none or
-        it cannot be read. tensors=False: its metadata only (the tensors dict is empty)."""
+        it cannot be read. with_tensors=False: its metadata only (the tensors dict is empty)."""
         from safetensors import safe_open
 
         if not self.checkpoint_path.exists():
             raise SpecError(f"run.resume: no {CHECKPOINT} in {self.path}")
-        want = tensors
         try:
             with safe_open(str(self.checkpoint_path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {})[_META_KEY])
-                tensors = {k: f.get_tensor(k) for k in f.keys()} if want else {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
         except Exception as e:  # noqa: BLE001 -- a damaged or foreign file: say so, in one line
             raise SpecError(f"run.resume: {self.checkpoint_path} is not a readable lte-fed checkpoint "
                             f"({type(e).__name__}: {e})") from None
@@ -332,9 +337,9 @@ def precheck_resume(spec) -> None:
     """Before a Flower run starts (its ServerApp checks everything, ~20 s later): the checks of
     `open_resume` and `adopt` that need neither the data nor the tensors."""
     src = RunDir.existing(spec.run.resume)
-    _, meta = src.load_checkpoint(tensors=False)
+    _, meta = src.load_checkpoint(with_tensors=False)
     check_resumable(meta["spec"], spec.to_dict())
-    check_history([r for r in src.read_metrics() if r["round"] <= meta["round"]], meta["round"], src.metrics_path)
+    src.history_until(meta["round"])
 
 
 def open_resume(job) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
