@@ -71,7 +71,35 @@ def main(a) -> dict:
             res[f"{m}x{n}"] = {"ms_per_head": {k: 1000 * v for k, v in med.items()},
                                "vs_full": {k: v / med["full"] for k, v in med.items()},
                                "vs_stacked_exact": {k: v / med["stacked_exact"] for k, v in med.items()}}
+        quantize = quantize_cost(max(a.reps, 5))
     finally:
         torch.set_num_threads(threads)
     return {"config": {"tokens_per_head": per_head * tokens, "heads": a.heads, "rank": a.rank, "threads": 1},
-            "layers": res}
+            "layers": res, "quantize": quantize}
+
+
+def quantize_cost(reps: int) -> dict:
+    """Quantizing one layer's W to each 4-bit format, as the server does for every round's
+    message (lte_fed.quant.quantize) against bitsandbytes' own quantize_4bit, same bytes
+    (tests/test_quant.py); this thread's CPU time, alternating, median ms and ratio."""
+    from lte_fed import quant
+
+    bnbf = quant._bnb()
+    out = {}
+    for fmt in ("nf4", "nf4-dq", "fp4"):
+        kind, double = quant.four_bit(fmt)
+        for m, n in SHAPES:
+            w = torch.randn(m, n)
+            ours, theirs = [], []
+            for rep in range(reps + 1):
+                t0 = time.thread_time()
+                quant.quantize(w, fmt)
+                t1 = time.thread_time()
+                bnbf.quantize_4bit(w, quant_type=kind, blocksize=quant.BLOCKSIZE_4BIT, compress_statistics=double)
+                if rep:  # the first is a warm-up
+                    ours.append(t1 - t0)
+                    theirs.append(time.thread_time() - t1)
+            out[f"{fmt} {m}x{n}"] = {"ours_ms": 1000 * statistics.median(ours),
+                                     "bitsandbytes_ms": 1000 * statistics.median(theirs),
+                                     "ratio": statistics.median(o / t for o, t in zip(ours, theirs))}
+    return out

@@ -69,6 +69,11 @@ def layers_md(d: dict) -> list[str]:
         L.append(f"| {shape} ms | " + " | ".join(f"{v:.1f}" for v in r["ms_per_head"].values()) + " |")
         L.append(f"| {shape} / full | " + " | ".join(f"{v:.2f}" for v in r["vs_full"].values()) + " |")
         L.append(f"| {shape} / stacked exact | " + " | ".join(f"{v:.2f}" for v in r["vs_stacked_exact"].values()) + " |")
+    if d.get("quantize"):
+        L += ["", "Quantizing one layer's W (what the server does for every round's message, "
+              "`lte_fed.quant.quantize`) against bitsandbytes' `quantize_4bit`, the same bytes; one thread, "
+              "alternating, median:", "", "| format, layer | ours ms | bitsandbytes ms | ratio (pairs) |", "|---|---|---|---|"]
+        L += [f"| {k} | {v['ours_ms']:.1f} | {v['bitsandbytes_ms']:.1f} | {v['ratio']:.2f} |" for k, v in d["quantize"].items()]
     return L + [""]
 
 

@@ -8,11 +8,13 @@ QLoRA does).
 
 The packed tensors are plain uint8/int8/float32 tensors, so they travel as they are.
 
-Only quantizing calls bitsandbytes (the server, and the fused engine, which holds W). A worker
-only dequantizes, and does it here in plain torch, bit for bit what bitsandbytes returns
-(tests/test_quant.py checks it against bitsandbytes for every format): importing bitsandbytes
-costs several seconds (it builds torch.compile wrappers at import), paid again by every message
-of a deployed client, since Flower starts a fresh process per message.
+The formats are bitsandbytes'; this module computes them in plain torch, bit for bit what
+bitsandbytes returns (tests/test_quant.py checks both directions for every format). A worker only
+dequantizes, and never imports bitsandbytes: that costs several seconds (it builds torch.compile
+wrappers at import), paid again by every message of a deployed client, since Flower starts a
+fresh process per message. The server quantizes the 4-bit codes here too, 3x faster than
+bitsandbytes' CPU code (a binary search per weight, on the server's critical path every round);
+it calls bitsandbytes only for int8 and for a double-quantized absmax (1/64 of the weights).
 """
 
 from __future__ import annotations
@@ -71,14 +73,54 @@ def quantize(weight: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
         packed, row_absmax, _ = _bnb().int8_vectorwise_quant(w)
         return {"packed": packed, "absmax": row_absmax.float()}
     kind, double = four_bit(fmt)
-    packed, state = _bnb().quantize_4bit(w, quant_type=kind, blocksize=BLOCKSIZE_4BIT, compress_statistics=double)
+    packed, absmax = quantize_4bit(w, kind)
     if not double:
-        return {"packed": packed, "absmax": state.absmax.float()}
-    if state.state2.blocksize != BLOCKSIZE_ABSMAX:
-        raise RuntimeError(f"bitsandbytes double-quantized the absmax in blocks of {state.state2.blocksize}, "
-                           f"not {BLOCKSIZE_ABSMAX}: this bitsandbytes version is not supported")
-    return {"packed": packed, "absmax": state.absmax, "absmax2": state.state2.absmax.float(),
-            "offset": state.offset.float().reshape(1)}
+        return {"packed": packed, "absmax": absmax}
+    # what bitsandbytes' quantize_4bit(compress_statistics=True) does with the absmax
+    offset = absmax.mean()
+    codes, state2 = _bnb().quantize_blockwise(absmax - offset, blocksize=BLOCKSIZE_ABSMAX)
+    return {"packed": packed, "absmax": codes, "absmax2": state2.absmax.float(), "offset": offset.float().reshape(1)}
+
+
+def quantize_4bit(w: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """bitsandbytes' blockwise 4-bit quantization (`quantize_4bit`, blocks of 64, what its
+    reference backend computes), bit for bit (tests/test_quant.py): each block scaled by its
+    absmax into [-1, 1], each entry coded as the nearest of `kind`'s 16 values.
+
+    Shapes: w (m, n) float32 -> packed (ceil(m*n/2), 1) uint8, two codes per byte, the earlier
+    in the high nibble; absmax (ceil(m*n/64),) float32, the last block possibly partial.
+    """
+    flat = w.reshape(-1)
+    numel = flat.numel()
+    full = numel - numel % BLOCKSIZE_4BIT
+    blocks = flat[:full].view(-1, BLOCKSIZE_4BIT)
+    absmax = blocks.abs().amax(dim=1)
+    # times the reciprocal for whole blocks, divided for the partial one: as bitsandbytes rounds
+    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp_(-1, 1).view(-1)
+    if full < numel:
+        last = flat[full:].abs().max().clamp(min=1e-38)
+        absmax = torch.cat([absmax, last.view(1)])
+        scaled = torch.cat([scaled, (flat[full:] / last).clamp_(-1, 1)])
+    if scaled.numel() % 2:  # an odd count: the last byte's low nibble codes a 0
+        scaled = F.pad(scaled, (0, 1))
+    bounds, order = _code_bounds(kind, w.device)
+    # the nearest value's rank = how many midpoints lie strictly below (torch.bucketize's answer;
+    # 15 vectorized comparisons are 2.7x faster than its binary search, measured on the CPU)
+    rank = torch.zeros(scaled.shape, dtype=torch.uint8, device=w.device)
+    for bound in bounds:
+        rank += scaled > bound
+    codes = rank if order is None else order[rank.long()]
+    return ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1), absmax
+
+
+@functools.lru_cache(maxsize=None)
+def _code_bounds(kind: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The 15 midpoints between `kind`'s values in ascending order (each a 0-dim float32
+    tensor), and the code of each rank (uint8 (16,); None for NF4, whose codes ascend)."""
+    values = code_values(kind, device)
+    order = torch.argsort(values)
+    mids = (values[order[:-1]] + values[order[1:]]) / 2
+    return tuple(mids.unbind()), None if torch.equal(order, torch.arange(16, device=device)) else order.to(torch.uint8)
 
 
 def part_layout(shape: tuple[int, int], fmt: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

@@ -117,6 +117,36 @@ def test_dequantizing_without_bitsandbytes_gives_what_bitsandbytes_gives(fmt, sh
         assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "fp4", "nf4-dq", "fp4-dq"])
+@pytest.mark.parametrize("shape", [(96, 200), (7, 33), (1, 1), (3, 600), (1, 63)])  # partial blocks, odd sizes
+def test_quantizing_gives_bitsandbytes_own_bytes(fmt, shape):
+    """`quantize_4bit` is ours (faster than bitsandbytes' binary search): the same packed codes
+    and scales as bitsandbytes' quantize_4bit, byte for byte, including entries that sit exactly
+    on a midpoint between two code values, zeros, a block of zeros and infinitesimal blocks."""
+    kind, double = quant.four_bit(fmt)
+    w = torch.randn(shape, generator=torch_generator(37))
+    flat = w.view(-1)
+    flat[0] *= 40  # an outlier block
+    if flat.numel() >= 128:
+        flat[:64] = 0.0  # a block of zeros
+        flat[64:128].clamp_(-0.9, 0.9)[0] = 1.0  # every midpoint exactly, in a block whose absmax is 1
+        mids = quant._code_bounds(kind, torch.device("cpu"))[0]
+        flat[65:65 + len(mids)] = torch.stack(mids)[: flat.numel() - 65]
+        flat[96:100] = torch.tensor([1e-40, -1e-40, 0.0, -0.0])
+    flat[-1] = 0.0
+    bnbf = quant._bnb()
+    parts = quant.quantize(w, fmt)
+    packed, state = bnbf.quantize_4bit(w, quant_type=kind, blocksize=quant.BLOCKSIZE_4BIT, compress_statistics=double)
+    assert torch.equal(parts["packed"], packed)
+    if double:
+        assert torch.equal(parts["absmax"], state.absmax)
+        assert torch.equal(parts["absmax2"], state.state2.absmax) and torch.equal(parts["offset"], state.offset.view(1))
+    else:
+        assert torch.equal(parts["absmax"].view(torch.int32), state.absmax.view(torch.int32))
+    layout = quant.part_layout(shape, fmt)
+    assert {k: (tuple(t.shape), t.dtype) for k, t in parts.items()} == layout
+
+
 def test_the_code_tables_are_bitsandbytes_own():
     bnbf = quant._bnb()
     for kind in ("nf4", "fp4"):
