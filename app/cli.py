@@ -52,9 +52,7 @@ def report(summary: dict, out: str | Path) -> str:
         return _report_text(summary, out)
     lines = [f"run dir: {out}", "", f"| {'run':<28} | test acc | test loss | samples | sync steps | bytes moved |",
              f"|{'-' * 30}|----------|-----------|---------|------------|-------------|"]
-    name = f"{cfg['method']} ({cfg['run']['engine']})"
-    if cfg["method"] != "full":
-        name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
+    name = _run_name(cfg)
     lines.append(f"| {name:<28} | {_num(fin['test_acc'], '8.2f')} | {_num(fin['test_loss'], '9.4f')} | "
                  f"{tot['samples']:7d} | {tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |")
     ref = reference_for(cfg)
@@ -70,15 +68,21 @@ def report(summary: dict, out: str | Path) -> str:
 
 def _report_text(summary: dict, out: str | Path) -> str:
     cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
-    name = f"{cfg['method']} ({cfg['run']['engine']})"
-    if cfg["method"] != "full":
-        name = f"{cfg['method']} ({cfg['run']['engine']}, N={cfg['resolved']['heads']}, r={cfg['lte']['rank']})"
+    name = _run_name(cfg)
     return "\n".join([
         f"run dir: {out}", "", f"| {'run':<28} | val loss | perplexity | tokens     | sync steps | bytes moved |",
         f"|{'-' * 30}|----------|------------|------------|------------|-------------|",
         f"| {name:<28} | {_num(fin['val_loss'], '8.4f')} | {_num(fin['perplexity'], '10.3f')} | {tot['tokens']:10d} | "
         f"{tot['sync_steps']:10d} | {_bytes(tot['bytes_up'] + tot['bytes_down']):>11} |"]
         + (["", f"sample of generated text: {Path(out) / 'sample.txt'}"] if cfg["run"]["sample_tokens"] else []))
+
+
+def _run_name(cfg: dict) -> str:
+    """The run's row label: method and engine, and what sizes it (no heads for full training,
+    no rank for FedAvg's full-model workers)."""
+    sizes = {"full": "", "fedavg": f", N={cfg['resolved']['heads']}"}.get(
+        cfg["method"], f", N={cfg['resolved']['heads']}, r={cfg['lte']['rank']}")
+    return f"{cfg['method']} ({cfg['run']['engine']}{sizes})"
 
 
 def reference_for(cfg: dict) -> dict | None:

@@ -106,7 +106,10 @@ def plan(model: nn.Module, keep_norm_affine: bool = False) -> Plan:
         if name in lora_weights:
             continue
         owner = modules[name.rpartition(".")[0]]
-        if p.ndim <= 1 or isinstance(owner, (nn.Embedding, *NORM_TYPES)) or p.shape[0] == 1:
+        # token-like: a (1, ...) tensor of the model's own (class token, positions), not a
+        # convolution's kernel that happens to have one output channel
+        token_like = p.shape[0] == 1 and not isinstance(owner, nn.modules.conv._ConvNd)
+        if p.ndim <= 1 or isinstance(owner, (nn.Embedding, *NORM_TYPES)) or token_like:
             replicas[name] = tuple(p.shape)
             continue
         raise ParameterizeError(

@@ -52,7 +52,10 @@ def build_model(name: str, *, num_classes: int, img_size: int, in_chans: int, pa
         raise SpecError(f"model.name: {name!r} is a language model (build_lm); it needs text data")
     if name not in _REGISTRY:
         raise SpecError(f"model.name: {name!r} is unknown; available: {', '.join(list_models())}")
-    patch = patch_size or getattr(_REGISTRY[name], "default_patch", None)
+    default_patch = getattr(_REGISTRY[name], "default_patch", None)
+    if patch_size is not None and default_patch is None:
+        raise SpecError(f"model.patch_size: {name!r} does not cut images into patches; leave model.patch_size null")
+    patch = patch_size or default_patch
     if patch is not None and img_size % patch:
         why = f"is {patch} (the model's default)" if patch_size is None else f"is {patch}"
         raise SpecError(f"model.img_size: {img_size} px is not divisible by the patch size, which {why}; "

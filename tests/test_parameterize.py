@@ -85,8 +85,9 @@ def test_patchify_linear_matches_conv():
 
 
 # ---------------------------------------------------------------------------------- errors
-def test_unsupported_parameter_fails_loudly_by_name():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+@pytest.mark.parametrize("channels", [8, 1])  # one output channel: a (1, 3, 3, 3) weight is no token
+def test_unsupported_parameter_fails_loudly_by_name(channels):
+    model = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.Flatten(), nn.Linear(channels * 4 * 4, 10))
     with pytest.raises(ParameterizeError, match=r"'0\.weight'"):
         parameterize(model, CFG)
     with pytest.raises(ParameterizeError, match=r"'0\.weight'"):

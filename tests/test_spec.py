@@ -103,6 +103,14 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"run": {"fault": "slow5:node1"}}, "run.fault"),
     ({"run": {"fault": "hang:1:*"}}, "run.fault"),
     ({"run": {"fault": "raise:2:1"}}, "run.fault: head 2 does not exist"),  # the default lte.heads is 2
+    # Flower's ServerApp ran method=full as one LoRA head of rank lte.rank, reported as "full"
+    ({"method": "full", "run": {"engine": "flower"}}, "run.engine: method=full trains the whole model in one process"),
+    ({"method": "mhlora", "run": {"engine": "flower"}}, "run.engine: method=mhlora"),
+    ({"method": "fedavg", "run": {"engine": "fused"}}, "run.engine: method=fedavg"),
+    # keys the model would ignore
+    ({"model": {"block_size": 16}}, "model.block_size: only language models"),
+    ({"model": {"name": "gpt_tiny", "img_size": 32}, "data": {"name": "shakespeare", "partition": "contiguous"}}, "model.img_size: a language model"),
+    ({"model": {"name": "gpt_tiny", "patch_size": 4}, "data": {"name": "shakespeare", "partition": "contiguous"}}, "model.patch_size: a language model"),
 ])
 def test_a_bad_value_is_refused_naming_its_key(d, key):
     with pytest.raises(SpecError, match=f"^{key}"):
@@ -142,3 +150,10 @@ def test_a_rank_above_a_layers_dimensions_is_warned_about_naming_the_layers(capl
     assert len(warned) == 1 and "stem.proj.linear (4)" in warned[0] and "mlp_tokens.fc1 (16)" in warned[0]
     assert "rank 8 is above" in warnings(rank=8, alpha=16)[0] and "mlp_tokens" not in warnings(rank=8, alpha=16)[0]
     assert warnings(rank=4, alpha=8) == []
+
+
+def test_a_patch_size_for_a_model_without_patches_is_refused():
+    from lte_fed.models import build_model
+
+    with pytest.raises(SpecError, match="^model.patch_size: 'mlp' does not cut images into patches"):
+        build_model("mlp", num_classes=10, img_size=8, in_chans=1, patch_size=2)
