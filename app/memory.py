@@ -27,6 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--heads", type=int, default=4, help="N; a client's memory does not depend on it")
     ap.add_argument("--batch", type=int, default=32, help="per-device batch (samples)")
     ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--patch-size", type=int, default=None, help="default: the model's own")
     ap.add_argument("--device-gb", type=float, default=8.0, help="device memory in GiB")
     return ap
 
@@ -44,6 +45,8 @@ def _check(ap: argparse.ArgumentParser, args) -> None:
     for name in ("rank", "heads", "batch", "img_size"):
         if getattr(args, name) <= 0:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.patch_size is not None and args.patch_size <= 0:
+        ap.error(f"--patch-size must be a positive integer, got {args.patch_size}")
     if not 0 < args.device_gb < float("inf"):  # nan fails too
         ap.error(f"--device-gb must be a finite number > 0, got {args.device_gb}")
 
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = LTEConfig(heads=args.heads, rank=args.rank, variant=args.variant, quant=args.quant)
-        shape = analyse(args.model, args.img_size)
+        shape = analyse(args.model, args.img_size, patch_size=args.patch_size)
     except ValueError as e:  # bad quant/variant, image not divisible into patches
         ap.error(str(e))
     lte, full = estimate_lte(shape, cfg, args.batch), estimate_full(shape, args.batch)
@@ -83,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{side}: {verdict} in {args.device_gb:g} GiB")
     family = family_of(args.model)
     if family:
-        best = largest_fitting(family, device, cfg, args.batch, args.img_size)
+        best = largest_fitting(family, device, cfg, args.batch, args.img_size, args.patch_size)
         print(f"largest {family} model that fits {args.device_gb:g} GiB: "
               f"LTE client {best['lte'] or 'none'}, full AdamW {best['full'] or 'none'}")
     return 0

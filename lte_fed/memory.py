@@ -226,14 +226,14 @@ def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:
 
 
 def largest_fitting(family: str, device_bytes: int, cfg: "LTEConfig", batch: int,
-                    img_size: int = 224) -> dict[str, str | None]:
+                    img_size: int = 224, patch_size: int | None = None) -> dict[str, str | None]:
     """The largest model of `family` (smallest to largest in FAMILIES) whose estimate fits in
     `device_bytes`, for an LTE client and for full training; None where none fits."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is unknown; available: {', '.join(FAMILIES)}")
     best: dict[str, str | None] = {"lte": None, "full": None}
     for name in FAMILIES[family]:
-        shape = analyse(name, img_size, keep_norm_affine=cfg.keep_norm_affine)
+        shape = analyse(name, img_size, patch_size=patch_size, keep_norm_affine=cfg.keep_norm_affine)
         if estimate_lte(shape, cfg, batch)["total"] <= device_bytes:
             best["lte"] = name
         if estimate_full(shape, batch)["total"] <= device_bytes:

@@ -112,6 +112,8 @@ def test_cli_prints_table():
     (["--quant", "q3"], "quant"),
     (["--rank", "abc"], "invalid int"),
     (["--model", "gpt_tiny"], "image models only"),
+    (["--patch-size", "0"], "--patch-size"),
+    (["--model", "mixer_tiny", "--img-size", "8"], "not divisible by the patch size"),
 ])
 def test_cli_bad_input_exits_2(args, needle, capsys):
     from app.memory import main
@@ -149,3 +151,10 @@ def test_fp32_client_workspace_is_its_kept_folds(vit_base, variant):
     else:
         assert kept == 4 * sum(step) and per_use == 0
     assert estimate_lte(vit_base, CFG, 8)["workspace"] == 4 * max(elems)  # nf4: a transient, always
+
+
+def test_cli_takes_the_patch_size(capsys):
+    from app.memory import main
+
+    assert main(["--model", "mixer_tiny", "--img-size", "8", "--patch-size", "4"]) == 0
+    assert "4 tokens" in capsys.readouterr().out
