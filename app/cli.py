@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from lte_fed.rundir import RunDir, claimed
+from lte_fed.rundir import RunDir, claimed, in_use, run_record
 from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
@@ -32,10 +32,16 @@ log = logging.getLogger("lte_fed")
 REFERENCE_PATH = Path(__file__).with_name("reference.json")
 
 
-def run_job(spec: Spec, out: str | Path) -> dict:
+def run_job(spec: Spec, out: str | Path, record: dict[str, str] | None = None) -> dict:
     """Run one job with the engine the spec names, holding its run dir (`rundir.claimed`: no
-    second run writes there meanwhile, and no new run over a finished one); returns its summary."""
-    with claimed(out, spec.run.resume):
+    second run writes there meanwhile, and no new run over a finished one); returns its summary.
+    `record`: files (relative path -> text) to write there once it is held (Hydra's record of
+    the job, written by us and not by Hydra, which would write it into a dir a refused job
+    does not hold)."""
+    with claimed(out, spec.run.resume) as path:
+        for name, text in (record or {}).items():
+            (path / name).parent.mkdir(parents=True, exist_ok=True)
+            (path / name).write_text(text)
         if spec.run.engine == "fused":
             from lte_fed.engine import run_fused
 
@@ -128,7 +134,8 @@ def _main(cfg: DictConfig) -> float | None:
     try:
         out = cfg.run.out or HydraConfig.get().runtime.output_dir
         spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))
-        summary = run_job(spec, out)
+        summary = run_job(spec, out, record={".hydra/config.yaml": OmegaConf.to_yaml(cfg),
+                                             ".hydra/overrides.yaml": OmegaConf.to_yaml(HydraConfig.get().overrides.task)})
     except (KeyboardInterrupt, Stopped) as e:
         # Both engines checkpoint every merge (run.checkpoint_every): the run resumes from there.
         name = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
@@ -151,9 +158,13 @@ FAILED_JOBS: list[str] = []  # a sweep's failed jobs' dirs (Hydra's basic launch
 
 
 def _record_failure(out: str, err: BaseException) -> None:
-    """In a sweep, a failed job leaves a summary saying why, and the sweep goes on."""
+    """In a sweep, a failed job leaves a summary saying why, and the sweep goes on; but never in
+    a dir that holds another run's record or that another run holds (a sweep re-run into the
+    same dir is refused job by job: the finished runs there keep their summaries)."""
     FAILED_JOBS.append(out)
     path = Path(out)
+    if run_record(path) or in_use(path):
+        return
     path.mkdir(parents=True, exist_ok=True)
     (path / "summary.json").write_text(json.dumps({"failed": True, "error": f"{type(err).__name__}: {err}"}, indent=2))
 
@@ -176,8 +187,8 @@ def main() -> None:
         else:
             os.environ["HYDRA_FULL_ERROR"] = asked
     if FAILED_JOBS:
-        print(f"{ERROR_PREFIX}{len(FAILED_JOBS)} job(s) of the sweep failed, each says why in its summary.json: "
-              + ", ".join(FAILED_JOBS), file=sys.stderr)
+        print(f"{ERROR_PREFIX}{len(FAILED_JOBS)} job(s) of the sweep failed, each says why above and in its "
+              "summary.json (unless its dir holds another run, left as it was): " + ", ".join(FAILED_JOBS), file=sys.stderr)
         sys.exit(2)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -27,6 +28,7 @@ import torch
 
 from .spec import SpecError
 
+log = logging.getLogger("lte_fed")
 METRIC_FIELDS = ("round", "step", "samples", "train_loss", "bytes_up", "bytes_down", "wall_s")
 # and one of these evaluations: images, or language models (with the tokens seen)
 EVAL_FIELDS = (("test_loss", "test_acc"), ("val_loss", "perplexity", "tokens"))
@@ -35,6 +37,7 @@ EVAL_FIELDS = (("test_loss", "test_acc"), ("val_loss", "perplexity", "tokens"))
 CHECKPOINT = "checkpoint.safetensors"
 CLIENT_STATE = "client-state"
 LOCK = ".lock"  # held (flock) by the process that runs into the dir, for as long as it runs
+SERVER_LOCK = ".server.lock"  # held (flock) by a Flower ServerApp for as long as it runs into the dir
 _META_KEY = "lte-fed"
 
 # Spec keys that may differ between a run and its resumption: none changes the math.
@@ -282,22 +285,69 @@ def check_fresh(out: str | os.PathLike, resume: str | None) -> None:
                         f"or continue that run with run.resume={Path(out).resolve()}")
 
 
+def make_run_dir(out: str | os.PathLike) -> Path:
+    """`out` as a folder, made if need be; SpecError naming run.out where it cannot be one."""
+    path = Path(out)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise SpecError(f"run.out: {out} is a file, not a folder; choose another run.out") from None
+    except OSError as e:  # a file on the way (NotADirectoryError), no permission, a read-only place
+        raise SpecError(f"run.out: cannot create the folder {out} ({e.strerror or e})") from None
+    return path
+
+
+def in_use(path: str | os.PathLike, lock_name: str = LOCK) -> bool:
+    """Whether a live run holds `path` (its lock; SERVER_LOCK: a Flower ServerApp does)."""
+    import fcntl
+
+    try:
+        with open(Path(path) / lock_name, "r") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except FileNotFoundError:
+        return False
+    except (BlockingIOError, OSError):
+        return True
+    return False
+
+
 @contextlib.contextmanager
 def claimed(out: str | os.PathLike, resume: str | None):
     """Hold `out` for one run: refuse a dir another live run holds (its lock) or one that holds
     a finished or stopped run this one does not resume in place (`check_fresh`)."""
     import fcntl
 
-    path = Path(out)
-    path.mkdir(parents=True, exist_ok=True)
+    path = make_run_dir(out)
     with open(path / LOCK, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SpecError(f"run.out: {out} is in use by another run (it holds {path / LOCK}); "
                             "wait for it to end or choose another run.out") from None
+        if in_use(path, SERVER_LOCK):  # its `lte-fed` is gone (killed), its Flower run is not
+            raise SpecError(f"run.out: {out} is in use by a Flower run that still runs (its ServerApp holds "
+                            f"{path / SERVER_LOCK}) though the command that started it has ended; wait for it "
+                            "or stop its flwr-simulation / flower-superlink processes, then resume")
         check_fresh(path, resume)
         yield path  # the lock goes with the file's close
+
+
+@contextlib.contextmanager
+def served(out: str | os.PathLike, resume: str | None):
+    """What a Flower ServerApp holds while it runs into `out` (SERVER_LOCK), whoever started it
+    (`lte-fed`, which also holds LOCK, or `flwr run` directly): a second Flower run into the same
+    dir is refused, and so is an `lte-fed` resume while this one outlives its launcher."""
+    import fcntl
+
+    path = make_run_dir(out)
+    with open(path / SERVER_LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SpecError(f"run.out: {out} is in use by another Flower run (its ServerApp holds "
+                            f"{path / SERVER_LOCK}); wait for it to end or choose another run.out") from None
+        check_fresh(path, resume)
+        yield path
 
 
 def check_tensors_fit(saved: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], src: RunDir, what: str) -> None:
@@ -330,7 +380,7 @@ def restoring(src: RunDir):
 
 def checkpoint_meta(job, **meta: Any) -> dict[str, Any]:
     """A checkpoint's metadata: `meta` and what `open_resume` checks (the spec, the data's hash)."""
-    return {"spec": job.spec.to_dict(), "data_id": job.data_id, **meta}
+    return {"spec": job.spec.to_dict(), "data_id": job.data_id, "torch_threads": torch.get_num_threads(), **meta}
 
 
 def precheck_resume(spec) -> None:
@@ -352,4 +402,10 @@ def open_resume(job) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
         raise SpecError(f"run.resume: the data differs from the data the checkpoint in {src.path} was trained on "
                         f"(data.name={job.spec.data.name}, data.root={job.spec.data.root}): a run resumes on "
                         "the same data only")
+    threads = meta.get("torch_threads")
+    if job.spec.run.engine == "fused" and threads not in (None, torch.get_num_threads()):
+        # a float sum split over another number of threads rounds differently
+        log.warning("run.resume: the checkpoint's run trained with %d torch thread(s), this one has %d: it will "
+                    "not end bit for bit as the uninterrupted run would (set OMP_NUM_THREADS=%d for that)",
+                    threads, torch.get_num_threads(), threads)
     return src, tensors, meta

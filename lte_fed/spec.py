@@ -272,15 +272,32 @@ def flower_run_config(spec: Spec | None = None) -> dict[str, Any]:
 
 def toml_lines(flat: dict[str, Any]) -> str:
     """A flat run config as TOML lines '"lte.heads" = 2' (pyproject's table, `--run-config` files)."""
-    return "".join(f"{json.dumps(k)} = {_toml_value(v)}\n" for k, v in flat.items())
+    return "".join(f"{_toml_string(k, k)} = {_toml_value(v, k)}\n" for k, v in flat.items())
 
 
-def _toml_value(v) -> str:
+def _toml_value(v, key: str) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)  # TOML reads Python's int and float literals, inf and nan included
-    return json.dumps(str(v))  # a TOML basic string
+    return _toml_string(str(v), key)
+
+
+def _toml_string(text: str, key: str) -> str:
+    """`text` as a TOML basic string: UTF-8 as it is, quotes, backslashes and control characters
+    escaped (json.dumps wrote a character beyond U+FFFF as a surrogate pair, which TOML refuses:
+    a run.out with an emoji stopped the Flower run after it had started)."""
+    out = []
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        elif 0xD800 <= ord(ch) <= 0xDFFF:  # a file name's undecodable byte (surrogateescape)
+            raise SpecError(f"{key}: {text!r} is not valid Unicode; rename it")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 # The node Hydra composes on (conf/config.yaml's defaults list names it): the defaults as a plain,

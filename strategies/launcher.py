@@ -38,6 +38,12 @@ def _prctl(option: int, value: int) -> None:
         pass
 
 
+def _die_with_us() -> None:
+    """In a child, before it runs: SIGTERM when the launcher dies, even by SIGKILL (which leaves
+    no chance to stop the tree): the SuperLink's own children follow it (--parent-pid)."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 # ------------------------------------------------------------------------- the process tree
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, parent pid) of `pid` from /proc, or None once it is gone."""
@@ -144,7 +150,7 @@ def start_superlink(env: dict, log) -> int:
         proc = subprocess.Popen(
             ["flower-superlink", "--insecure", "--simulation", "--isolation", "subprocess",
              "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=log, start_new_session=True)
+            env=env, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_us)
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             if _listens(proc.pid, port) and _healthy(port):
@@ -179,7 +185,7 @@ def run(home: Path, nodes: int, run_config: str | None, cpus: int, gpus: float, 
     cmd = ["flwr", "run", str(app), FEDERATION, "--stream", "--federation-config", federation]
     if run_config:
         cmd += ["--run-config", run_config]
-    flwr = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True)
+    flwr = subprocess.Popen(cmd, env=env, stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_us)
     while True:  # wait for `flwr run`, reaping the orphans that come our way meanwhile
         pid, status = os.waitpid(-1, 0)
         if pid == flwr.pid:

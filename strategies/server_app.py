@@ -16,7 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from lte_fed.job import setup
-from lte_fed.rundir import check_fresh
+from lte_fed.rundir import served
 from lte_fed.spec import ERROR_PREFIX, Spec, user_errors, validate
 
 from .fedavg_strategy import FedAvgStrategy
@@ -43,12 +43,12 @@ def run_server(grid: Grid, spec: Spec) -> None:
     """One run: LTE (LTEStrategy) or the full-model FedAvg baseline, from the start or resumed."""
     spec = copy.deepcopy(spec)
     spec.run.out = str(out_dir(spec))
-    check_fresh(spec.run.out, spec.run.resume)  # under `flwr run` directly; the CLI also holds the dir
-    job = setup(spec)
-    strategy = (FedAvgStrategy if spec.method == "fedavg" else LTEStrategy)(spec, job, spec.run.out)
-    if spec.run.resume:
-        strategy.resume()
-    strategy.start(grid)
+    with served(spec.run.out, spec.run.resume):  # no second Flower run writes there meanwhile
+        job = setup(spec)
+        strategy = (FedAvgStrategy if spec.method == "fedavg" else LTEStrategy)(spec, job, spec.run.out)
+        if spec.run.resume:
+            strategy.resume()
+        strategy.start(grid)
 
 
 app = ServerApp()

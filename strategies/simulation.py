@@ -29,7 +29,7 @@ POLL_S = 0.5
 
 
 def write_run_config(spec: Spec, path: Path) -> Path:
-    path.write_text(toml_lines(flower_run_config(spec)))
+    path.write_text(toml_lines(flower_run_config(spec)), encoding="utf-8")
     return path
 
 
@@ -40,6 +40,8 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     spec = absolute_paths(spec, out)
     nodes = simulation_nodes(spec)
     if spec.method != "fedavg":
+        if spec.run.resume and not spec.run.nodes:  # "as many as run in parallel" was worked out
+            nodes = _checkpoint_nodes(spec.run.resume) or nodes  # then: the same nodes again
         spec.run.nodes = nodes  # the server waits for exactly these
     if spec.run.resume:  # what can be checked now, not after Flower has started
         precheck_resume(spec)
@@ -105,6 +107,15 @@ def ray_resources(spec: Spec) -> tuple[int, int | None]:
         raise SpecError(f"run.client_cpus: Flower's simulation takes a whole number of CPUs per node, "
                         f"or a fraction below 1 (several nodes per core), got {cpus!r}")
     return int(cpus), None
+
+
+def _checkpoint_nodes(resume: str) -> int | None:
+    """The node count the run in `resume` had (None where it cannot be read: `precheck_resume`
+    then says why)."""
+    try:
+        return RunDir.existing(resume).load_checkpoint(with_tensors=False)[1]["spec"]["run"]["nodes"]
+    except (SpecError, KeyError, TypeError):
+        return None
 
 
 def simulation_nodes(spec: Spec) -> int:

@@ -52,9 +52,13 @@ def test_the_run_config_carries_every_spec_key_flower_accepts(tmp_path):
 
     from .helpers import quick_spec
 
-    spec = quick_spec("lte", "flower", train={"lr": None}, run={"fault": "nan:1:2"})
+    # a path beyond U+FFFF (json.dumps wrote it as a surrogate pair, which TOML refuses), quotes,
+    # a backslash and control characters
+    out = str(tmp_path / 'r\u00fcn "\U0001f600"\\\t\x7f')
+    spec = quick_spec("lte", "flower", train={"lr": None}, run={"fault": "nan:1:2", "out": out})
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    written = tomllib.loads(write_run_config(spec, tmp_path / "run.toml").read_text())
+    written = tomllib.loads(write_run_config(spec, tmp_path / "run.toml").read_text(encoding="utf-8"))
+    assert written["run.out"] == out
     assert set(written) == set(declared)
     back = spec_from_run_config(written)
     back.run.client_cpus, back.run.client_gpus = spec.run.client_cpus, spec.run.client_gpus  # --federation-config

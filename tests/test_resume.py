@@ -70,7 +70,10 @@ def test_ctrl_c_then_resume_elsewhere_ends_as_an_uninterrupted_run(tmp_path, eng
     assert "Traceback" not in text and "run.resume=" in text, text[-3000:]
     assert len(RunDir(tmp_path / "cut").read_metrics()) < steps // 2, "the interrupt came too late to test anything"
 
-    resumed = lte_fed([*args, f"run.resume={tmp_path / 'cut'}"], tmp_path / "new", tmp_path / "new.log")
+    # a Flower resume may give each node more CPUs (the run's node count, worked out from the
+    # cores and run.client_cpus, stays the checkpoint's: it was refused as "run.nodes differs")
+    more_cpus = ["run.client_cpus=2"] if engine == "flower" else []
+    resumed = lte_fed([*args, *more_cpus, f"run.resume={tmp_path / 'cut'}"], tmp_path / "new", tmp_path / "new.log")
     assert resumed.wait(timeout=800) == 0, (tmp_path / "new.log").read_text()[-3000:]
     rows = RunDir(tmp_path / "new").read_metrics()
     assert [r["round"] for r in rows] == list(range(1, steps // 2 + 1))
@@ -134,6 +137,37 @@ def test_a_run_dir_in_use_is_refused_to_a_second_run(tmp_path):
             pass
     with claimed(tmp_path / "a", str(tmp_path / "a")):  # resumed in place
         pass
+
+
+def test_a_run_dir_a_flower_server_holds_is_refused_to_a_second_flower_run_and_to_lte_fed(tmp_path):
+    """Two `flwr run`s into one run.out interleaved their rounds in one history; a Flower run
+    that outlived its killed `lte-fed` ran alongside the resume started in its dir."""
+    from lte_fed.rundir import claimed, in_use, served
+    from lte_fed.spec import SpecError
+
+    with served(tmp_path / "a", None):  # a ServerApp running into a
+        assert in_use(tmp_path / "a", ".server.lock") and not in_use(tmp_path / "a")
+        with pytest.raises(SpecError, match="in use by another Flower run"):
+            with served(tmp_path / "a", None):
+                pass
+        with pytest.raises(SpecError, match="in use by a Flower run that still runs"):
+            with claimed(tmp_path / "a", str(tmp_path / "a")):
+                pass
+    with claimed(tmp_path / "a", None), served(tmp_path / "a", None):  # what `lte-fed` and its ServerApp hold
+        assert in_use(tmp_path / "a") and in_use(tmp_path / "a", ".server.lock")
+    assert not in_use(tmp_path / "a") and not in_use(tmp_path / "a", ".server.lock")
+
+
+def test_a_run_out_that_cannot_be_a_folder_is_named(tmp_path):
+    from lte_fed.rundir import claimed
+    from lte_fed.spec import SpecError
+
+    (tmp_path / "afile").write_text("x")
+    for out, why in [(tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "sub", "Not a directory")]:
+        with pytest.raises(SpecError, match=f"^run.out: .*{why}"):
+            with claimed(out, None):
+                pass
+    assert (tmp_path / "afile").read_text() == "x"
 
 
 def test_a_checkpoint_is_never_unpickled(tmp_path):

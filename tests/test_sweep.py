@@ -82,6 +82,15 @@ def test_a_multirun_with_a_failed_job_reports_every_run(tmp_path, capsys):
     rows0 = [json.loads(line) for line in (sweep / "0" / "metrics.jsonl").read_text().splitlines()]
     assert all("head_cosine" in r and "head_grassmann" in r for r in rows0)
 
+    # The same sweep again into the same dir (to finish one that crashed, say), with a seed the
+    # finished runs did not have: every job is refused, and no finished run's record changes
+    # (the refusal used to overwrite each summary.json, and Hydra each .hydra/overrides.yaml).
+    before = {p: p.read_bytes() for j in "0123" for p in (sweep / j).rglob("*") if p.is_file() and p.name != "cli.log"}
+    rc_again, _, err_again = finish(lte_fed_multirun(*SWEEP, "run.seed=7", sweep_dir=sweep))
+    assert rc_again == 2 and "4 job(s) of the sweep failed" in err_again and "already holds a run" in err_again
+    assert {p: p.read_bytes() for p in before} == before
+    assert "lte.heads=2" in (sweep / "0" / ".hydra" / "overrides.yaml").read_text()  # the job's own, not seed 7
+
 
 def test_report_of_a_folder_without_runs_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
