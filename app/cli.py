@@ -16,7 +16,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
@@ -210,6 +210,9 @@ def hydra_error(e: BaseException) -> str:
     msg = "; ".join(text) + (f": {', '.join(choices)}" if choices else "")
     if isinstance(cause, Exception) and str(cause).splitlines():
         msg += f" ({str(cause).splitlines()[0]})"
+    if isinstance(e, OverrideParseException):  # most often a path Hydra's grammar does not take bare
+        msg += ("; quote a value with spaces, brackets or non-ASCII letters, keeping the quotes from the "
+                "shell: 'run.out=\"my runs/ünï\"'")
     return msg
 
 

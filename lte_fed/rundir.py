@@ -311,14 +311,37 @@ def in_use(path: str | os.PathLike, lock_name: str = LOCK) -> bool:
     return False
 
 
+# what a run writes into its dir before any result: a run that fails with nothing more leaves no dir
+BOOKKEEPING = (LOCK, ".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra")
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(path: Path, fresh: bool):
+    """If the run made `path` and fails (a refused resume, a bad key found late) before writing
+    anything but BOOKKEEPING, take the dir away again."""
+    try:
+        yield
+    except BaseException:
+        if fresh and all(str(p.relative_to(path)) in BOOKKEEPING for p in path.rglob("*")):
+            with contextlib.suppress(OSError):
+                for name in BOOKKEEPING:
+                    if (path / name).is_dir():
+                        (path / name).rmdir()
+                    elif (path / name).exists():
+                        (path / name).unlink()
+                path.rmdir()
+        raise
+
+
 @contextlib.contextmanager
 def claimed(out: str | os.PathLike, resume: str | None):
     """Hold `out` for one run: refuse a dir another live run holds (its lock) or one that holds
     a finished or stopped run this one does not resume in place (`check_fresh`)."""
     import fcntl
 
+    fresh = not Path(out).exists()
     path = make_run_dir(out)
-    with open(path / LOCK, "a") as lock:
+    with open(path / LOCK, "a") as lock, _removed_if_left_empty(path, fresh):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

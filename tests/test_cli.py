@@ -61,6 +61,7 @@ def test_bad_input_ends_in_one_clear_line(tmp_path, arg, key):
     ("+lte.rnak=4", "lte.rnak (did you mean lte.rank?)"),  # added by the user, refused by the spec
     ("model=vit_large", "Could not find 'model/vit_large'"),  # an unknown preset: the choices follow
     ("data.root", "Error parsing override 'data.root'"),
+    ("run.resume=my runs/ünï", "quote a value with spaces, brackets or non-ASCII letters"),
     ("lte=3", "lte: a group of keys"),
 ])
 def test_a_config_hydra_cannot_compose_ends_in_one_clear_line(tmp_path, arg, says):

@@ -170,6 +170,26 @@ def test_a_run_out_that_cannot_be_a_folder_is_named(tmp_path):
     assert (tmp_path / "afile").read_text() == "x"
 
 
+def test_a_refused_run_leaves_no_dir_behind(tmp_path):
+    from lte_fed.rundir import claimed
+    from lte_fed.spec import SpecError
+
+    with pytest.raises(SpecError, match="refused late"):
+        with claimed(tmp_path / "new", None) as path:
+            (path / ".hydra").mkdir()
+            (path / ".hydra" / "config.yaml").write_text("method: lte")
+            raise SpecError("run.resume: refused late")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # a dir the user made is theirs, and one with a result stays
+    for name in ("mine", "ran"):
+        with pytest.raises(SpecError):
+            with claimed(tmp_path / name, None) as path:
+                if name == "ran":
+                    (path / "metrics.jsonl").write_text('{"round": 1}\n')
+                raise SpecError("x")
+        assert (tmp_path / name).exists()
+
+
 def test_a_checkpoint_is_never_unpickled(tmp_path):
     """A checkpoint file that is a pickle (or anything but our safetensors) is refused, unread."""
     import pickle
