@@ -268,7 +268,7 @@ def _node_model(job, spec_json: str, heads: list[int], ranks: list[int], msg: Me
     # popped, not read: a second handler running meanwhile in this process builds its own
     model = _KEPT.pop(_model_key(spec_json, ranks, job.device), None)
     built = model is None
-    shapes = (W.lora_shapes_of(job) if built else W.lora_shapes(model)) if quantized else set()
+    shapes = W.watched(W.lora_shapes_of(job) if built else W.lora_shapes(model), ranks) if quantized else set()
     with W.FullWeightWatch(shapes) as seen:
         if built:
             model = W.node_model(dataclasses.replace(job, plain=copy.deepcopy(job.plain)), heads, ranks)  # meta: free

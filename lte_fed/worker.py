@@ -224,6 +224,15 @@ def lora_shapes_of(job: Job) -> set[tuple[int, int]]:
     return {tuple(net.get_submodule(n).weight.shape) for n in p.lora}
 
 
+def watched(shapes: set[tuple[int, int]], ranks: list[int]) -> set[tuple[int, int]]:
+    """The W shapes a `FullWeightWatch` can tell apart: those that no LoRA factor of these ranks
+    shares (A (r, n), B (m, r), A's draw (max(r, n), min(r, n))). With digits' 1-channel 2x2
+    patches the patch embedding's W is (64, 4), a rank-4 B of any 64-wide layer is too: a watch
+    on that shape counted every B as a W."""
+    factors = {f for r in ranks for m, n in shapes for f in ((r, n), (m, r), (max(r, n), min(r, n)))}
+    return shapes - factors
+
+
 class FullWeightWatch(TorchDispatchMode):
     """Counts the floating-point tensors, off the meta device, that any torch op creates with
     the shape of a full W (m, n) from `shapes` while it is active: the proof that building a

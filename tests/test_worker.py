@@ -47,6 +47,20 @@ def test_a_head_built_from_the_skeleton_is_the_full_models_head_and_no_W_is_crea
     assert watch.count > 0
 
 
+def test_the_watch_leaves_out_a_W_shape_a_LoRA_factor_shares(tmp_path):
+    """digits (1 channel, 2x2 patches): the patch embedding's W is (64, 4), as every rank-4 B of
+    a 64-wide layer is; a deployed node logged each B as a full-precision W."""
+    s = spec(data={"name": "digits"}, lte={"heads": 2, "rank": 4})
+    job, _ = W.node_sources(s, [0], tmp_path)
+    shapes = W.lora_shapes_of(job)
+    assert (64, 4) in shapes and (192, 64) in shapes
+    watched = W.watched(shapes, [4])
+    assert (64, 4) not in watched and (192, 64) in watched
+    with W.FullWeightWatch(watched) as watch:
+        W.node_model(job, [0], [4])
+    assert watch.count == 0, watch.seen
+
+
 def test_a_nodes_stacked_heads_built_from_the_skeleton_are_the_full_models_and_no_W_is_created(tmp_path):
     """Two heads of different rank (zero-padded, per-head scales) on one q(W): the node's model
     from the skeleton trains exactly as the same StackedLTE built from the full model."""
