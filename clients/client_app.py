@@ -147,6 +147,17 @@ def train(msg: Message, context: Context) -> Message:
     return _train_lte(msg, context, spec_json, spec, config)
 
 
+def _same_data(config, job) -> None:
+    """ClientConfigError unless this node's copy of the data is the server's (its hash, the
+    train config's "data_id"): a node whose data-root held other images or labels trained on
+    them and was merged as if they were the run's."""
+    want = config.get("data_id")
+    if want is not None and job.data_id != want:
+        raise ClientConfigError(f"this node's data differs from the server's (data.root={job.spec.data.root!r}; "
+                                f"hash {job.data_id[:12]} here, {str(want)[:12]} on the server): every node must "
+                                "hold a copy of the run's data set (node config data-root)")
+
+
 def _node_spec_json(spec_json: str, node_config) -> str:
     """A deployed node's own `data-root` (node config) overrides the run's data.root: each
     device keeps its copy of the data wherever it likes."""
@@ -174,6 +185,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     with watch("data"):
         job, src = W.node_sources(spec, heads, str(stores[0].root),
                                   data=lambda _spec, h, cache: _node_data(spec_json, h, cache))
+        _same_data(config, job)
     with watch("model"):
         replicas = P.unpack_wire(_need(msg.content, P.REPLICAS, "train message").to_torch_state_dict())
         model, built = _node_model(job, spec_json, heads, ranks, msg, replicas, cost)
@@ -427,6 +439,7 @@ def _train_fedavg(msg: Message, context: Context, spec_json: str, spec: Spec) ->
         W.job_imports(spec)
     with watch("data"):
         job, src = _node_data(spec_json, worker, str(store.root))
+        _same_data(config, job)
     with watch("model"):
         # the received weights become the model's own (no random model is built first)
         model = W.plain_model(dataclasses.replace(job, plain=copy.deepcopy(job.plain)),  # meta: a free copy

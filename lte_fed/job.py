@@ -37,6 +37,7 @@ class Job:
     img_size: int  # 0 for text
     plain: nn.Module  # the plain model at init (never trained in place)
     device: torch.device
+    whole_data_id: str | None = None  # a worker's job that holds one shard: the data_id of the set it was cut from
 
     @property
     def is_text(self) -> bool:
@@ -45,7 +46,10 @@ class Job:
     @functools.cached_property
     def data_id(self) -> str:
         """A hash of the data as trained on (tokens and vocabulary, or images and labels): a
-        checkpoint records it, so a run resumes only on the same data, wherever it now lives."""
+        checkpoint records it, so a run resumes only on the same data, wherever it now lives;
+        a node checks that its copy is the server's."""
+        if self.whole_data_id:
+            return self.whole_data_id
         d = self.data
         parts = [d.train, d.doc_bounds, d.val] if self.is_text else [d.train_x, d.train_y, d.test_x, d.test_y]
         h = hashlib.blake2b(json.dumps(describe(self), sort_keys=True).encode(), digest_size=16)

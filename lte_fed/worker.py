@@ -59,15 +59,17 @@ def node_data(spec: Spec, head: int, cache: str | Path | None) -> tuple[Job, Bat
     key = shard_key(spec, head)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
     path = Path(cache) / SHARDS / f"{spec.data.name}-{digest}.safetensors"
-    data = _read_shard(path, key)
+    data, whole_id = _read_shard(path, key)
     if data is None:
         full = setup(spec, skeleton=True)
         shard = batch_source(full).shards[key["shard"]]
         data = D.ImageData(full.data.train_x[shard].contiguous(), full.data.train_y[shard].contiguous(),
                            full.data.test_x[:0], full.data.test_y[:0], full.data.num_classes, full.data.mean,
                            full.data.std, full.data.name)
-        _write_shard(path, key, data)
+        whole_id = full.data_id
+        _write_shard(path, key, data, whole_id)
     job = setup(spec, data=data, skeleton=True)
+    job.whole_data_id = whole_id
     # Head `head` walks its shard by position (data.head_batch_indices), so the cached rows in
     # their original order give the same batches as the whole set with the shard's indices.
     shards = [torch.zeros(0, dtype=torch.int64)] * key["shards"]
@@ -77,11 +79,12 @@ def node_data(spec: Spec, head: int, cache: str | Path | None) -> tuple[Job, Bat
     return job, src
 
 
-def _read_shard(path: Path, key: dict) -> D.ImageData | None:
-    """The cached shard, or None if there is none or it is not exactly what `key` asks for
-    (a truncated, corrupt or foreign file is rebuilt, never trusted)."""
+def _read_shard(path: Path, key: dict) -> tuple[D.ImageData | None, str | None]:
+    """The cached shard and the data_id of the set it was cut from, or (None, None) if there is
+    none or it is not exactly what `key` asks for (a truncated, corrupt or foreign file is
+    rebuilt, never trusted)."""
     if not path.exists():
-        return None
+        return None, None
     try:
         from safetensors import safe_open
 
@@ -94,20 +97,21 @@ def _read_shard(path: Path, key: dict) -> D.ImageData | None:
         if x.dtype != torch.uint8 or x.ndim != 4 or y.shape != (len(x),) or len(x) == 0:
             raise ValueError(f"bad tensors {tuple(x.shape)} {x.dtype}, {tuple(y.shape)}")
         return D.ImageData(x, y.long(), x[:0], y[:0].long(), int(info["num_classes"]), tuple(info["mean"]),
-                           tuple(info["std"]), str(info["name"]))
+                           tuple(info["std"]), str(info["name"])), str(info["data_id"])
     except Exception as e:  # noqa: BLE001 -- any damage means: rebuild it
         log.warning("shard cache %s is unusable (%s: %s); rebuilding it", path, type(e).__name__, str(e)[:200])
-        return None
+        return None, None
 
 
-def _write_shard(path: Path, key: dict, data: D.ImageData) -> None:
+def _write_shard(path: Path, key: dict, data: D.ImageData, data_id: str) -> None:
     """Write the shard to a private temporary file, then rename it into place: concurrent
     writers (several heads of one node, several nodes on one disk) never see half a file."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    info = {"num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std), "name": data.name}
+    info = {"num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std), "name": data.name,
+            "data_id": data_id}
     try:
         save_file({"x": data.train_x, "y": data.train_y}, str(tmp),
                   metadata={"key": json.dumps(key, sort_keys=True), "info": json.dumps(info)})

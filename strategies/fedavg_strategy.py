@@ -52,7 +52,8 @@ class FedAvgStrategy(RoundLoop):
         nodes = {n: node for n, node in self.partitions.node_of.items() if node in free}
         self._sent = [Message(RecordDict({P.WEIGHTS: model, P.CONFIG: ConfigRecord({
             "head": n, "round": server_round, "server-round": server_round, "spec": P.spec_to_json(s.to_dict()),
-            "run_id": self.run_id, "state_round": server_round - 1, "keep_from": self.checkpointed})}),
+            "run_id": self.run_id, "state_round": server_round - 1, "keep_from": self.checkpointed,
+            "data_id": self.job.data_id})}),
             dst_node_id=node, message_type=MessageType.TRAIN) for n, node in sorted(nodes.items()) if n < s.lte.heads]
         self.bytes_down = sum(message_bytes(m) for m in self._sent)
         return self._sent

@@ -137,7 +137,7 @@ class LTEStrategy(RoundLoop):
             "heads": heads, "ranks": [self.rank_of(h) for h in heads], "sources": sources,
             "committed": [self.ledger[h].committed for h in heads],
             "start_step": start, "steps": steps, "round": rnd, "spec": spec_json, "run_id": self.run_id,
-            "state_round": rnd - 1, "keep_from": self.checkpointed,
+            "state_round": rnd - 1, "keep_from": self.checkpointed, "data_id": self.job.data_id,
         })
         return Message(RecordDict(content), dst_node_id=node, message_type=MessageType.TRAIN)
 

@@ -178,13 +178,15 @@ def test_the_cached_shard_gives_the_same_batches_and_a_damaged_one_is_rebuilt(tm
     s = spec()
     key = W.shard_key(s, 2)
     for f in files:  # find head 2's file of the iid spec, then cut it in half
-        if W._read_shard(f, key) is not None:
+        if W._read_shard(f, key)[0] is not None:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
             break
     _, src = W.node_data(s, 2, tmp_path)  # rebuilt, not trusted
     xa, _ = batch_source(setup(s)).batch(2, 3, torch.device("cpu"))
     assert torch.equal(src.batch(2, 3, torch.device("cpu"))[0], xa)
-    assert W._read_shard(f, key) is not None
+    assert W._read_shard(f, key)[0] is not None
+    # a node's job holds one shard, but names the whole set it was cut from (read or rebuilt)
+    assert W.node_data(s, 2, tmp_path)[0].data_id == setup(s).data_id == W._read_shard(f, key)[1]
 
 
 def test_the_fedavg_worker_takes_the_received_weights_as_they_are(tmp_path):
@@ -401,3 +403,17 @@ def test_a_damaged_state_file_falls_back_to_the_servers_copy_where_the_server_se
     opt, resid = CA._load_head(model, 0, store, "local-or-restore", True, restore, 3)
     assert opt is None and resid == {}  # AdamW anew, as for a lost file
     assert all(torch.equal(model.head_state(0)[k], restore[k]) for k in restore)
+
+
+def test_a_node_whose_copy_of_the_data_is_not_the_servers_is_refused(tmp_path):
+    """A node given another data-root (the same class folders, other labels) trained on it and
+    was merged without a word; now its message fails, naming the cause."""
+    from clients.client_app import ClientConfigError, _same_data
+
+    s = spec()
+    server = setup(s)
+    for cache in (tmp_path, tmp_path):  # the shard built, then read back from the node's cache
+        _same_data({"data_id": server.data_id}, W.node_data(s, 1, cache)[0])
+    other = W.node_data(spec(data={"synthetic_size": 97}), 1, tmp_path)[0]
+    with pytest.raises(ClientConfigError, match="this node's data differs from the server's"):
+        _same_data({"data_id": server.data_id}, other)
