@@ -19,6 +19,12 @@ die() { echo "$(basename "$0"): error: $*" >&2; exit 2; }
 
 source "$DEPLOY_DIR/proc.sh"   # running, descendants
 
+# free_port HOST PORT WHAT: die if something already listens there (another deployment's
+# SuperLink answering wait_up would make a new one that died at start look up).
+free_port() {
+  (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && die "$1:$2 is already in use (another $3? set ${4:-the port})" || true
+}
+
 # wait_up PID HOST PORT LOG: until PORT accepts connections (or PID dies / 60 s pass).
 wait_up() {
   local pid=$1 host=$2 port=$3 log=$4

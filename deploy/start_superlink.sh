@@ -9,6 +9,7 @@ source "$(dirname "$0")/common.sh"
 for f in ca.crt server.crt server.key; do [[ -f "$CERTS/$f" ]] || die "missing $CERTS/$f (run make_certs.sh $CERTS)"; done
 PIDF="$STATE/pids/superlink.pid"
 if [[ -f "$PIDF" ]] && running "$(cat "$PIDF")"; then die "superlink already running (PID $(cat "$PIDF"))"; fi
+free_port "$SUPERLINK_HOST" "$SUPERLINK_PORT" "SuperLink" SUPERLINK_PORT
 
 mkdir -p "$FLWR_HOME"
 CA_ABS="$(cd "$CERTS" && pwd)/ca.crt"   # flwr wants an absolute path here

@@ -18,9 +18,13 @@ KEY="$KEYS/node_$ID"
 PORT="${NODE_PORT:-$((9094 + ID))}"
 PIDF="$STATE/pids/supernode_$ID.pid"
 if [[ -f "$PIDF" ]] && running "$(cat "$PIDF")"; then die "supernode $ID already running (PID $(cat "$PIDF"))"; fi
+free_port 127.0.0.1 "$PORT" "SuperNode's Runtime API" NODE_PORT
 mkdir -p "$STATE/node_$ID"
 NODE_CONFIG="partition-id=$ID num-partitions=$N state-dir=\"$STATE/node_$ID\""
-[[ -z "$DATA_ROOT" ]] || NODE_CONFIG+=" data-root=\"$(cd "$DATA_ROOT" && pwd)\""
+if [[ -n "$DATA_ROOT" ]]; then   # a folder, or a text file (data.name=text)
+  [[ -e "$DATA_ROOT" ]] || die "DATA_ROOT $DATA_ROOT does not exist"
+  NODE_CONFIG+=" data-root=\"$(realpath "$DATA_ROOT")\""
+fi
 # NODE_CAPACITY (optional): what this device can carry, e.g. "heads=4 rank=16" or "memory-gb=24"
 [[ -z "${NODE_CAPACITY:-}" ]] || NODE_CONFIG+=" $NODE_CAPACITY"
 # NODE_THREADS (optional): torch threads per message; split the cores when several nodes share a machine

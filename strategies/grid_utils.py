@@ -52,11 +52,30 @@ def worker_costs(reply: Message, rnd: int, head, record: str = P.METRICS) -> dic
     return got
 
 
+WAIT_LOG_S = 30.0  # while the server waits for nodes, a line this often says for what
+
+
+class _WaitLog:
+    """Says, every WAIT_LOG_S while the server waits for its nodes, what it has and what it
+    waits for (a run started before its SuperNodes sat silent until they came)."""
+
+    def __init__(self, timeout: float):
+        self.start = self.last = time.monotonic()
+        self.timeout = timeout
+
+    def __call__(self, have: str) -> None:
+        now = time.monotonic()
+        if now - self.last >= WAIT_LOG_S:
+            self.last = now
+            log.info("waiting for nodes: %s (%.0f s so far; gives up after %.0f s)", have, now - self.start, self.timeout)
+
+
 def wait_for_nodes(grid: Grid, expected: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+    deadline, say = time.monotonic() + timeout, _WaitLog(timeout)
     while (n := len(list(grid.get_node_ids()))) < expected:
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {n} of {expected} nodes registered within {timeout:.0f} s")
+        say(f"{n} of {expected} registered")
         time.sleep(POLL_S)
 
 
@@ -165,9 +184,10 @@ class PartitionMap:
             c = reply.content["config"]
             self.add(info := NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
                                       float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0))))
-            log.info("node of partition %d: declares heads %d, rank %d, memory %g GB; the process that "
-                     "answered peaked at %.0f MiB", info.partition, info.heads, info.rank, info.memory_gb,
-                     info.idle_rss_mib)
+            declared = ", ".join(f"{k} {v:g}" for k, v in (("heads", info.heads), ("rank", info.rank),
+                                                           ("memory", info.memory_gb)) if v) or "no capacity (it takes its share)"
+            log.info("node of partition %d: declares %s%s; the process that answered peaked at %.0f MiB",
+                     info.partition, declared, " GB" if info.memory_gb else "", info.idle_rss_mib)
 
     def add(self, info: NodeInfo) -> None:
         """Record a node's answer (`discover` does this for every new node)."""
@@ -188,7 +208,7 @@ class PartitionMap:
 def wait_for_capacity(grid: Grid, partitions: PartitionMap, heads: int, capacity, timeout: float) -> None:
     """Wait until the registered nodes can carry `heads` heads (`capacity(nodes)` says how many
     they carry), asking every new node what it declares."""
-    deadline = time.monotonic() + timeout
+    deadline, say = time.monotonic() + timeout, _WaitLog(timeout)
     while True:
         partitions.discover(grid, timeout)
         alive = set(grid.get_node_ids())
@@ -197,6 +217,7 @@ def wait_for_capacity(grid: Grid, partitions: PartitionMap, heads: int, capacity
             return
         if time.monotonic() > deadline:
             raise TimeoutError(f"the {len(alive)} registered node(s) carry {have} of {heads} heads after {timeout:.0f} s")
+        say(f"{len(alive)} registered, carrying {have} of {heads} heads")
         time.sleep(POLL_S)
 
 
