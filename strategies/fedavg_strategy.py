@@ -42,6 +42,10 @@ class FedAvgStrategy(RoundLoop):
         self.costs: dict[int, dict] = {}  # worker -> what its message cost it (lte_fed/costs.py)
         self._sent: list[Message] = []
 
+    def param_counts(self) -> dict[str, int]:
+        """summary.json's "params": every weight trains (as method=full's)."""
+        return {"trainable": sum(t.numel() for t in self.model.values())}
+
     def summary(self) -> None:
         log.info("FedAvg: %d workers, T=%d local steps, full model", self.spec.lte.heads, self.spec.merge_every)
 

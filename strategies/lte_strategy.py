@@ -177,6 +177,18 @@ class LTEStrategy(RoundLoop):
             self._note_pace(reply)
 
     # ------------------------------------------------------------------ ranks and capacity
+    def param_counts(self) -> dict[str, int]:
+        """summary.json's "params", as the fused engine counts them (lte_fed/lte.py `accounting`):
+        every head's factors and its replicas, and the base (m·n per LoRA layer)."""
+        counts = {"lora": 0, "replica": 0, "unaccounted": 0, "base": sum(w.numel() for w in self.W.values())}
+        for h in range(self.cfg.heads):
+            for name, t in self.ledger[h].state.items():
+                if name.endswith((".lora_A", ".lora_B")):
+                    counts["lora"] += t.numel()
+                elif name in self.replicas:
+                    counts["replica"] += t.numel()
+        return counts
+
     def rank_of(self, head: int) -> int:
         return int(self.ledger[head].state[f"{self.plan.lora[0]}.lora_A"].shape[0])
 

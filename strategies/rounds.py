@@ -94,6 +94,10 @@ class RoundLoop(Strategy):
         """Before round 1: one node per worker (LTEStrategy waits for capacity instead)."""
         wait_for_nodes(grid, self.spec.lte.heads, timeout)
 
+    def param_counts(self) -> dict[str, int]:
+        """summary.json's "params" (each strategy counts its own model's)."""
+        raise NotImplementedError
+
     def round_record(self) -> dict:
         """Extra fields of this round's metrics row (LTEStrategy: the placement)."""
         return {}
@@ -130,7 +134,7 @@ class RoundLoop(Strategy):
         nodes = sorted(self.partitions.info.values(), key=lambda i: i.partition)
         extra["nodes"] = [{"partition": i.partition, "heads": i.heads, "rank": i.rank, "memory_gb": i.memory_gb,
                            "idle_rss_mib": i.idle_rss_mib} for i in nodes]
-        summary = build_summary(s, rows, self.job, run_id=self.run_id, **extra)
+        summary = build_summary(s, rows, self.job, params=self.param_counts(), run_id=self.run_id, **extra)
         self.dir.write_summary(summary)
         if keep and self.job.is_text:  # last: the run's results are on disk while it samples
             self.eval_model.load_state_dict(self.plain_state())

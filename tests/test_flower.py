@@ -30,9 +30,10 @@ def test_flower_and_fused_end_with_the_same_weights(tmp_path, monkeypatch, base,
     monkeypatch.setenv(TAG, tag := uuid.uuid4().hex)
     summary = run_flower(spec, tmp_path / "flower")
     assert tagged_processes(tag) == [], "the run left processes behind"
-    run_fused(quick_spec("lte", "fused", quant={"base": base}, train={"steps": steps}), tmp_path / "fused")
+    fused = run_fused(quick_spec("lte", "fused", quant={"base": base}, train={"steps": steps}), tmp_path / "fused")
     diff = max_abs_diff(model_of(tmp_path / "flower"), model_of(tmp_path / "fused"))
     assert diff < 1e-4, diff
+    assert summary["params"] == fused["params"] and summary["params"]["lora"] > 0  # was {} for Flower runs
     rows = RunDir(tmp_path / "flower").read_metrics()
     assert [r["merged_heads"] for r in rows] == [2] * (steps // 3)
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > r["bytes_up"] for r in rows)  # q(W) down, factors up
@@ -143,5 +144,6 @@ def test_fedavg_baseline_runs_through_flowers_fedavg(tmp_path):
     rows = RunDir(tmp_path).read_metrics()
     assert len(rows) == 2 and all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
     assert summary["config"]["method"] == "fedavg"
+    assert summary["params"]["trainable"] == sum(t.numel() for t in model_of(tmp_path).values())
     # FedAvg moves the whole model both ways; LTE (quant none) moves the base down, factors up
     assert rows[-1]["bytes_up"] > 0.5 * rows[-1]["bytes_down"]
