@@ -341,18 +341,19 @@ def claimed(out: str | os.PathLike, resume: str | None):
 
     fresh = not Path(out).exists()
     path = make_run_dir(out)
-    with open(path / LOCK, "a") as lock, _removed_if_left_empty(path, fresh):
+    with open(path / LOCK, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except BlockingIOError:  # (the dir is the other run's: never taken away from here)
             raise SpecError(f"run.out: {out} is in use by another run (it holds {path / LOCK}); "
                             "wait for it to end or choose another run.out") from None
-        if in_use(path, SERVER_LOCK):  # its `lte-fed` is gone (killed), its Flower run is not
-            raise SpecError(f"run.out: {out} is in use by a Flower run that still runs (its ServerApp holds "
-                            f"{path / SERVER_LOCK}) though the command that started it has ended; wait for it "
-                            "or stop its flwr-simulation / flower-superlink processes, then resume")
-        check_fresh(path, resume)
-        yield path  # the lock goes with the file's close
+        with _removed_if_left_empty(path, fresh):
+            if in_use(path, SERVER_LOCK):  # its `lte-fed` is gone (killed), its Flower run is not
+                raise SpecError(f"run.out: {out} is in use by a Flower run that still runs (its ServerApp holds "
+                                f"{path / SERVER_LOCK}) though the command that started it has ended; wait for "
+                                "it or stop its flwr-simulation / flower-superlink processes, then resume")
+            check_fresh(path, resume)
+            yield path  # the lock goes with the file's close
 
 
 @contextlib.contextmanager
