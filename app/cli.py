@@ -20,7 +20,7 @@ from hydra.errors import HydraException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from lte_fed.rundir import RunDir, claimed, in_use, run_record
+from lte_fed.rundir import RunDir, RunDirTaken, claimed
 from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
@@ -163,10 +163,13 @@ def _record_failure(out: str, err: BaseException) -> None:
     same dir is refused job by job: the finished runs there keep their summaries)."""
     FAILED_JOBS.append(out)
     path = Path(out)
-    if run_record(path) or in_use(path):
+    if isinstance(err, RunDirTaken):
         return
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "summary.json").write_text(json.dumps({"failed": True, "error": f"{type(err).__name__}: {err}"}, indent=2))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "summary.json").write_text(json.dumps({"failed": True, "error": f"{type(err).__name__}: {err}"}, indent=2))
+    except OSError:  # run.out cannot be a folder (the error says so): the list at the end names it
+        pass
 
 
 def main() -> None:

@@ -275,13 +275,18 @@ def run_record(path: str | os.PathLike) -> list[str]:
     return [n for n in names if n != "metrics.jsonl" or (path / n).stat().st_size > 0]
 
 
+class RunDirTaken(SpecError):
+    """run.out holds another run's record, or another run holds it: the refused job writes
+    nothing there (not even its failure)."""
+
+
 def check_fresh(out: str | os.PathLike, resume: str | None) -> None:
     """SpecError if `out` already holds a run that this one is not continuing in place: a new
     run would append its history to the old one's and overwrite its model (nothing is lost
     by refusing; the user picks another dir or resumes)."""
     found = run_record(out)
     if found and not (resume and Path(resume).resolve() == Path(out).resolve()):
-        raise SpecError(f"run.out: {out} already holds a run ({', '.join(found)}); choose another run.out, "
+        raise RunDirTaken(f"run.out: {out} already holds a run ({', '.join(found)}); choose another run.out, "
                         f"or continue that run with run.resume={Path(out).resolve()}")
 
 
@@ -345,11 +350,11 @@ def claimed(out: str | os.PathLike, resume: str | None):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:  # (the dir is the other run's: never taken away from here)
-            raise SpecError(f"run.out: {out} is in use by another run (it holds {path / LOCK}); "
+            raise RunDirTaken(f"run.out: {out} is in use by another run (it holds {path / LOCK}); "
                             "wait for it to end or choose another run.out") from None
         with _removed_if_left_empty(path, fresh):
             if in_use(path, SERVER_LOCK):  # its `lte-fed` is gone (killed), its Flower run is not
-                raise SpecError(f"run.out: {out} is in use by a Flower run that still runs (its ServerApp holds "
+                raise RunDirTaken(f"run.out: {out} is in use by a Flower run that still runs (its ServerApp holds "
                                 f"{path / SERVER_LOCK}) though the command that started it has ended; wait for "
                                 "it or stop its flwr-simulation / flower-superlink processes, then resume")
             check_fresh(path, resume)
@@ -368,7 +373,7 @@ def served(out: str | os.PathLike, resume: str | None):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SpecError(f"run.out: {out} is in use by another Flower run (its ServerApp holds "
+            raise RunDirTaken(f"run.out: {out} is in use by another Flower run (its ServerApp holds "
                             f"{path / SERVER_LOCK}); wait for it to end or choose another run.out") from None
         check_fresh(path, resume)
         yield path
