@@ -70,10 +70,7 @@ def test_ctrl_c_then_resume_elsewhere_ends_as_an_uninterrupted_run(tmp_path, eng
     assert "Traceback" not in text and "run.resume=" in text, text[-3000:]
     assert len(RunDir(tmp_path / "cut").read_metrics()) < steps // 2, "the interrupt came too late to test anything"
 
-    # a Flower resume may give each node more CPUs (the run's node count, worked out from the
-    # cores and run.client_cpus, stays the checkpoint's: it was refused as "run.nodes differs")
-    more_cpus = ["run.client_cpus=2"] if engine == "flower" else []
-    resumed = lte_fed([*args, *more_cpus, f"run.resume={tmp_path / 'cut'}"], tmp_path / "new", tmp_path / "new.log")
+    resumed = lte_fed([*args, f"run.resume={tmp_path / 'cut'}"], tmp_path / "new", tmp_path / "new.log")
     assert resumed.wait(timeout=800) == 0, (tmp_path / "new.log").read_text()[-3000:]
     rows = RunDir(tmp_path / "new").read_metrics()
     assert [r["round"] for r in rows] == list(range(1, steps // 2 + 1))
@@ -343,3 +340,16 @@ def test_a_flower_resume_that_cannot_fit_is_refused_before_flower_starts(tmp_pat
     with pytest.raises(SpecError, match="run.engine='flower' differs from the checkpoint's 'fused'"):
         run_flower(quick_spec(engine="flower", run={"resume": str(tmp_path / "a")}), tmp_path / "b")
     assert not (tmp_path / "b" / "flower.log").exists()  # refused up front, not ~20 s into a Flower run
+
+
+def test_a_flower_resume_reads_the_checkpoints_node_count(tmp_path):
+    """run_flower resumes on the checkpoint's node count when run.nodes is left to the machine
+    (a resume with another run.client_cpus was refused as "run.nodes differs")."""
+    from lte_fed.engine import run_fused
+    from strategies.simulation import _checkpoint_nodes
+
+    from .helpers import quick_spec
+
+    run_fused(quick_spec("lte", "fused", run={"nodes": 2}), tmp_path / "a")
+    assert _checkpoint_nodes(str(tmp_path / "a")) == 2
+    assert _checkpoint_nodes(str(tmp_path / "nowhere")) is None  # precheck_resume says why
