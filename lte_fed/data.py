@@ -270,7 +270,7 @@ def _synthetic(n: int, size: int, seed: int, classes: int = 10, chans: int = 3) 
     g = torch_generator(seed, SPLIT, 3)
     m = max(n // 4, classes)
     coarse = torch.randn(classes, chans, 4, 4, generator=g)
-    proto = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    proto = resize(coarse, size)
     y = torch.arange(n + m) % classes
     y = y[torch.randperm(n + m, generator=g)]
     gain = 1 + 0.2 * torch.randn(n + m, 1, 1, 1, generator=g)
@@ -357,13 +357,53 @@ def make_batch(data: ImageData, indices: torch.Tensor, *, train: bool, img_size:
     xs, ys = (data.train_x, data.train_y) if train else (data.test_x, data.test_y)
     x = xs[indices].float().div_(255)
     if x.shape[-1] != img_size:
-        down = img_size < x.shape[-1]
-        x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=down)
+        x = resize(x, img_size)
     if augment and train:
         x = _augment(x, torch_generator(seed, AUGMENT, head, step), flip=data.name not in NO_FLIP)
     mean = torch.tensor(data.mean).view(1, -1, 1, 1)
     std = torch.tensor(data.std).view(1, -1, 1, 1)
     return (x - mean) / std, ys[indices]
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear resize of images (b, C, h, w) float -> (b, C, size, size), antialiased when it
+    shrinks (a triangle filter as wide as the scale, as PIL and `F.interpolate(antialias=True)`
+    do; pixel centres aligned, `align_corners=False`).
+
+    Why not `F.interpolate`: its CPU kernel gives other roundings at other thread counts
+    (measured: 4x4 -> 224 differs in a third of the pixels between 1 and 2 threads), so the
+    same seed gave other batches, and another data hash, on a node with another thread count.
+    Here every output pixel is a gather and a fixed sequence of elementwise multiplies and
+    adds: the same bits whatever the threads."""
+    return _resize_axis(_resize_axis(x, size, -1), size, -2)
+
+
+def _resize_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    idx, w = _resize_taps(x.shape[dim], size)
+    shape = [1] * x.ndim
+    shape[dim] = size
+    out = None
+    for k in range(idx.shape[1]):
+        term = x.index_select(dim, idx[:, k]).mul_(w[:, k].to(x.dtype).view(shape))
+        out = term if out is None else out.add_(term)
+    return out
+
+
+def _resize_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of n_out output pixels, the input pixels it reads and their weights: (n_out, taps)
+    int64 and float64, each row summing to 1. A triangle of half-width max(scale, 1) input pixels
+    around the output pixel's centre; taps outside the image get weight 0 (index clamped), and
+    the rest are renormalised, which at the border is bilinear's clamp to the edge pixel."""
+    scale = n_in / n_out
+    support = max(scale, 1.0)
+    centre = (torch.arange(n_out, dtype=torch.float64) + 0.5) * scale
+    first = torch.floor(centre - support + 0.5).long()  # the first pixel whose centre is inside
+    j = first[:, None] + torch.arange(int(np.ceil(2 * support)) + 1)
+    w = (1 - ((j + 0.5 - centre[:, None]) / support).abs()).clamp_(min=0)
+    w[(j < 0) | (j >= n_in)] = 0
+    used = int((w > 0).any(0).nonzero().max()) + 1  # taps past the triangle on every row: dropped
+    j, w = j[:, :used], w[:, :used]
+    return j.clamp(0, n_in - 1), w / w.sum(1, keepdim=True)
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, flip: bool) -> torch.Tensor:

@@ -323,3 +323,40 @@ def test_a_head_left_fewer_samples_than_its_batch_is_warned_about(caplog):
     with caplog.at_level("WARNING", logger="lte_fed"):
         setup(Spec.from_dict({"lte": {"heads": 8}, "run": {"engine": "fused", "device": "cpu"}}))  # iid
     assert "fewer samples" not in caplog.text
+
+
+# ----------------------------------------------------------------------------- resize
+@pytest.mark.parametrize("shape,size", [((3, 3, 4, 4), 56), ((2, 1, 8, 8), 32), ((2, 3, 64, 64), 24),
+                                        ((2, 3, 37, 37), 100), ((2, 3, 100, 100), 37), ((1, 1, 5, 5), 5)])
+def test_resize_is_bilinear_and_the_same_at_every_thread_count(shape, size):
+    import torch.nn.functional as F
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < shape[-1])
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            got.append(D.resize(x, size))
+    finally:
+        torch.set_num_threads(threads)
+    assert got[0].shape == (*shape[:2], size, size)
+    torch.testing.assert_close(got[0], ref, rtol=0, atol=1e-5)
+    assert all(torch.equal(got[0], g) for g in got[1:])
+
+
+def test_synthetic_data_and_upscaled_batches_do_not_depend_on_the_thread_count():
+    """F.interpolate's CPU kernel rounds differently at other thread counts: a node with another
+    thread count drew other batches and hashed the data differently (it was refused)."""
+    threads = torch.get_num_threads()
+    try:
+        got = []
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            d = D.load_data("synthetic", seed=0, img_size=96, synthetic_size=16)
+            x, _ = D.make_batch(d, torch.arange(4), train=True, img_size=160, augment=True, seed=0, head=0, step=0)
+            got.append((d.train_x, x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
