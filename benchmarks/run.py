@@ -56,6 +56,11 @@ def parse(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.quick:
         a.img, a.patch, a.batch, a.reps = 16, 8, 8, 3
+    unknown = [s for s in a.sections.split(",") if s and s not in SECTIONS]
+    if unknown or not a.sections.strip(","):
+        ap.error(f"--sections {a.sections!r}: choose from {', '.join(SECTIONS)}")
+    if a.name is not None and (not a.name or a.name.startswith(".") or "/" in a.name or os.sep in a.name):
+        ap.error(f"--name {a.name!r} is a file stem in --out-dir: no folder, not hidden")
     return a
 
 
@@ -105,7 +110,10 @@ def main(argv=None) -> int:
     (a.out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
     (a.out_dir / f"{stem}.md").write_text(markdown(results))
     print(f"[bench] wrote {a.out_dir / stem}.md and .json in {results['total_s']:.0f} s")
-    return 0
+    failed = [sec for sec, r in results["sections"].items() if "error" in r]
+    if failed:
+        print(f"[bench] failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

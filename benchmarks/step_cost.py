@@ -105,6 +105,9 @@ def build(a, tmp: str) -> dict:
         return run
 
     want = set(a.variants.split(",")) if getattr(a, "variants", None) else set(WHAT)
+    if want - set(WHAT) or "full" not in want:
+        raise SystemExit(f"--variants {a.variants!r}: every ratio is to 'full', which must be listed; "
+                         f"choose from {', '.join(WHAT)}")
     make = {
         "full": lambda: FusedRun(_spec(a, "full"), f"{tmp}/full"),
         "lte": lambda: lte("lte"),
