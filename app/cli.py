@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lte_fed.rundir import RunDir, RunDirTaken, claimed
-from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, did_you_mean, register_with_hydra, user_errors
+from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, SpecError, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
 
@@ -131,7 +131,12 @@ def _stopped(signum, _frame):
 def _main(cfg: DictConfig) -> float | None:
     out = None
     signal.signal(signal.SIGTERM, _stopped)
+    sweep = HydraConfig.get().mode.name == "MULTIRUN"
     try:
+        if sweep and cfg.run.out and "${" not in str(OmegaConf.to_container(cfg.run, resolve=False)["out"]):
+            raise SpecError(f"run.out={cfg.run.out} would be every job's dir in this sweep: leave run.out out "
+                            "(each job gets <hydra.sweep.dir>/<job number>) or make it per job, e.g. "
+                            "'run.out=runs/${hydra:job.num}'")
         out = cfg.run.out or HydraConfig.get().runtime.output_dir
         spec = Spec.from_dict(OmegaConf.to_container(cfg, resolve=True))
         summary = run_job(spec, out, record={".hydra/config.yaml": OmegaConf.to_yaml(cfg),
@@ -143,15 +148,28 @@ def _main(cfg: DictConfig) -> float | None:
         print(f"lte-fed: stopped by {name}; " + (f"resume with run.resume={Path(out).resolve()}" if can_resume
               else "no merge had finished, nothing to resume"), file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
-    except user_errors() as e:
-        print(f"{ERROR_PREFIX}{e}", file=sys.stderr)
-        if HydraConfig.get().mode.name == "MULTIRUN":
+    except (*user_errors(), MemoryError, RuntimeError) as e:
+        if isinstance(e, (MemoryError, RuntimeError)) and not _out_of_memory(e):
+            if sweep:  # a bug: the job's dir says so too, and Hydra goes on to the next job
+                _record_failure(HydraConfig.get().runtime.output_dir, e)
+            raise
+        print(f"{ERROR_PREFIX}{_out_of_memory(e) or e}", file=sys.stderr)
+        if sweep:
             _record_failure(HydraConfig.get().runtime.output_dir, e)
             return None
         sys.exit(2)
     print(report(summary, out))
     final = summary["final"]
     return final["test_acc"] if "test_acc" in final else final["val_loss"]
+
+
+def _out_of_memory(e: BaseException) -> str | None:
+    """The one-line report of an allocation that failed (host or GPU memory), or None."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    if not (isinstance(e, MemoryError) or "can't allocate memory" in first or "out of memory" in first.lower()):
+        return None
+    return (f"out of memory: {first[:300]}; this job does not fit: lower train.batch_size, lte.rank or lte.heads, "
+            "use a smaller model or img_size, or check its size first with lte-fed-memory")
 
 
 FAILED_JOBS: list[str] = []  # a sweep's failed jobs' dirs (Hydra's basic launcher runs jobs in this process)

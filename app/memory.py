@@ -13,7 +13,7 @@ import sys
 
 GiB, MiB = 2**30, 2**20
 ROWS = (("base", "base / weights"), ("trainable", "trainable (+V)"), ("grads", "gradients"),
-        ("optimizer", "AdamW state"), ("workspace", "dequant buffer"), ("message", "server message"),
+        ("optimizer", "AdamW state"), ("workspace", "fp32 W workspace"), ("message", "server message"),
         ("activations", "activations"),
         ("total", "total"))
 
@@ -56,7 +56,7 @@ def table(lte: dict[str, int], full: dict[str, int]) -> str:
     lines = [f"{'':18}{'LTE client':>14}{'full AdamW':>14}"]
     for key, label in ROWS:
         lines.append(f"{label:18}{lte[key] / MiB:11.1f} MiB{full[key] / MiB:11.1f} MiB")
-    lines.append("(total = base + trainable + the larger of training, AdamW + buffer + max(gradients,")
+    lines.append("(total = base + trainable + the larger of training, AdamW + workspace + max(gradients,")
     lines.append(" activations), and building, 2 x message: backward frees activations as it makes")
     lines.append(" gradients, and the message is dropped before training; see lte_fed/memory.py)")
     return "\n".join(lines)

@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lte_fed.spec import NEVER_MERGE, sync_steps
+
 # Config keys that never describe the experiment (where a run was written, how it showed progress).
 IGNORED_KEYS = {"run.out", "run.resume", "run.progress"}
 # Short names for figure legends.
@@ -41,9 +43,7 @@ SHORT = {"lte.heads": "N", "lte.rank": "r", "lte.merge_every": "T", "lte.alpha":
          "train.batch_size": "B", "train.steps": "steps", "method": "", "run.seed": "seed"}
 # Methods for which the lte.* keys mean nothing.
 NO_HEADS = {"full"}
-# Methods that never merge (lte_fed/engine.py merges only lte and lora_merge): for them the keys
-# that say what a merge does mean nothing either.
-NEVER_MERGE = {"lora", "mhlora"}
+# NEVER_MERGE: for the methods that never merge, the keys that say what a merge does mean nothing.
 MERGE_KEYS = ("lte.variant", "lte.outer")  # lte.outer and its lte.outer_* settings
 IMAGE_COLS = ["test_loss", "test_acc", "best_test_acc"]
 TEXT_COLS = ["val_loss", "perplexity", "best_val_loss", "tokens"]  # language models
@@ -136,8 +136,8 @@ def load_run(path: Path, root: Path) -> Run:
     rows = _read_rows(path)
     summary_file = path / "summary.json"
     if not summary_file.exists():
-        return Run(path, name, "incomplete", flatten(_hydra_config(path)), rows=rows,
-                   error="no summary.json (running, or killed)")
+        status, why = _unfinished(path, rows)
+        return Run(path, name, status, flatten(_hydra_config(path)), rows=rows, error=why)
     try:
         summary = json.loads(summary_file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -149,8 +149,24 @@ def load_run(path: Path, root: Path) -> Run:
         return Run(path, name, "failed", flatten(_hydra_config(path)), rows=rows,
                    error="summary.json is not an lte-fed summary")
     config = dict(summary.get("config", {}))
-    config.pop("resolved", None)
+    resolved = config.pop("resolved", None)
+    if isinstance(resolved, dict) and isinstance(config.get("lte"), dict):
+        # what the method made of lte.*: one head for lora / lora_merge, the reset variant for lora_merge
+        config["lte"] = config["lte"] | {k: resolved[k] for k in ("heads", "variant") if k in resolved}
     return Run(path, name, "ok", flatten(config), summary, rows)
+
+
+def _unfinished(path: Path, rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """(status, why) of a run dir without summary.json: diverged (its last row says so), still
+    running (a live run holds its lock), or stopped before its end (killed: it can be resumed)."""
+    from lte_fed.rundir import LOCK, SERVER_LOCK, diverged, in_use
+
+    last = rows[-1] if rows else {}
+    if ("val_loss" in last or "test_loss" in last) and (why := diverged(last)):
+        return "failed", why
+    if in_use(path, LOCK) or in_use(path, SERVER_LOCK):
+        return "incomplete", "running (a live run holds its lock)"
+    return "incomplete", f"stopped before its end (killed or interrupted): resume with run.resume={path}"
 
 
 def find_runs(root: Path, exclude: Path | None = None, unreadable: list[str] | None = None) -> list[Run]:
@@ -269,10 +285,6 @@ def label(run: Run, keys: list[str]) -> str:
     return " ".join(parts) or run.name
 
 
-def sync_steps(run: Run, row: dict[str, Any]) -> int:
-    """Synchronizations up to this row: every optimizer step for full training (data-parallel
-    training all-reduces every step), one per merge round otherwise."""
-    return row["step"] if run.method == "full" else row["round"]
 
 
 def _plt():
@@ -314,7 +326,8 @@ def _plot_curves(runs: list[Run], keys: list[str], path: Path, *, metric: str, p
     for r in runs:
         rows = [x for x in r.rows if _plottable(x, need)]
         kw = styles[r.name] | {"label": label(r, keys)}
-        axes[0].plot([sync_steps(r, x) for x in rows], [x[metric] for x in rows], **kw)
+        if r.method not in NEVER_MERGE:  # never synchronized: no place on this axis
+            axes[0].plot([sync_steps(r.method, x) for x in rows], [x[metric] for x in rows], **kw)
         axes[1].plot([x[progress] for x in rows], [x[metric] for x in rows], **kw)
     axes[0].set_xlabel("synchronization steps (merges; full: optimizer steps)")
     axes[0].set_xscale("log")

@@ -27,7 +27,7 @@ from .outer import OuterOptimizer, outer_config
 from .uplink import FusedUplink
 from .uplink import payload_bytes as uplink_bytes
 from .rundir import RunDir, check_tensors_fit, checkpoint_meta, diverged, open_resume, restoring
-from .spec import Spec, SpecError, TrainingDiverged
+from .spec import Spec, SpecError, TrainingDiverged, sync_steps
 from .train import (autocast, evaluate, head_alignment, load_optimizer_tensors, lr_at, make_optimizer,
                     optimizer_step, optimizer_tensors, prefixed, token_loss, unprefixed)
 
@@ -229,11 +229,12 @@ def build_summary(s: Spec, rows: list[dict], job: Job, params: dict | None = Non
         {"best_test_acc": max((r["test_acc"] for r in rows), default=None)}
     tokens = {"tokens": final.get("tokens", 0)} if job.is_text else {}
     return {
-        "config": s.to_dict() | {"resolved": {"lr": s.lr, "heads": s.heads, **describe(job)}},
+        "config": s.to_dict() | {"resolved": {"lr": s.lr, "heads": s.heads, "variant": lte_config(s).variant,
+                                             **describe(job)}},
         "final": {k: final.get(k) for k in (*evals, "train_loss")},
         **best,
         "totals": {
-            "steps": final.get("step", 0), "samples": final.get("samples", 0), **tokens, "sync_steps": len(rows),
+            "steps": final.get("step", 0), "samples": final.get("samples", 0), **tokens, "sync_steps": sync_steps(s.method, final),
             "bytes_up": sum(r["bytes_up"] for r in rows), "bytes_down": sum(r["bytes_down"] for r in rows),
             "wall_s": final.get("wall_s", 0.0),
         },

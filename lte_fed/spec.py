@@ -21,6 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("lte", "mhlora", "lora", "lora_merge", "full", "fedavg")
+NEVER_MERGE = ("lora", "mhlora")  # their heads train on and are never merged into the model
+
+
+def sync_steps(method: str, row: dict) -> int:
+    """Synchronizations up to a metrics row: every optimizer step for full training (data-parallel
+    training all-reduces every step), none for the methods that never merge, one per merge round
+    otherwise."""
+    if method == "full":
+        return int(row.get("step", 0))
+    return 0 if method in NEVER_MERGE else int(row.get("round", 0))
 ENGINES = ("flower", "fused")
 
 # Learning rate used when train.lr is null, tuned for the default job (digits, vit_digits):

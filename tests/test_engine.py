@@ -29,7 +29,12 @@ def test_each_method_writes_the_run_directory(tmp_path, method):
         assert set(METRIC_FIELDS) <= set(r)
         assert math.isfinite(r["train_loss"]) and math.isfinite(r["test_loss"]) and 0 <= r["test_acc"] <= 100
         assert r["bytes_up"] > 0 and r["bytes_down"] > 0
-    assert summary["totals"]["sync_steps"] == 2 and summary["totals"]["samples"] == 96
+    # synchronizations: one per merge; every step for data-parallel full training; none for a
+    # head that is never merged
+    assert summary["totals"]["sync_steps"] == {"full": 6, "lora": 0, "mhlora": 0}.get(method, 2)
+    assert summary["totals"]["samples"] == 96
+    assert summary["config"]["resolved"]["heads"] == (1 if method in ("lora", "lora_merge", "full") else 2)
+    assert summary["config"]["resolved"]["variant"] == ("reset" if method == "lora_merge" else spec.lte.variant)
     assert summary["config"]["method"] == method and summary["final"]["test_acc"] == rows[-1]["test_acc"]
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
     assert (tmp_path / "checkpoint.safetensors").exists()

@@ -120,6 +120,9 @@ def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path,
     run("a-list", [])
     run("broken-hydra", None, hydra="method: [unclosed\n  : :\n")
     run("empty-summary", {})
+    # no summary: a run that diverged (its last row's loss is null), one killed (nobody holds its lock)
+    run("diverged", None, json.dumps(row) + "\n" + json.dumps(row | {"round": 2, "test_loss": None}) + "\n")
+    run("killed", None, json.dumps(row) + "\n")
     out = tmp_path / "report"
     report_main([str(tmp_path / "sweep"), "--out", str(out)])
     with open(out / "results.csv") as f:
@@ -128,6 +131,8 @@ def test_the_report_lists_damaged_and_diverged_runs_instead_of_failing(tmp_path,
     assert status["a-list"] == ("failed", "summary.json is not an lte-fed summary")
     assert status["broken-hydra"][0] == "incomplete"
     assert status["empty-summary"] == ("failed", "summary.json is not an lte-fed summary")
+    assert status["diverged"][0] == "failed" and "training diverged: after round 2" in status["diverged"][1]
+    assert status["killed"][0] == "incomplete" and "resume with run.resume=" in status["killed"][1]
     assert (out / "accuracy.png").exists()
     (tmp_path / "a-file").write_text("")
     with pytest.raises(SystemExit) as e:
@@ -151,13 +156,17 @@ def test_the_report_blanks_keys_that_do_nothing_for_a_method(tmp_path):
                                   ("d", "full", "exact")]:
         d = tmp_path / "sweep" / name
         d.mkdir(parents=True)
-        config = {"method": method, "lte": {"variant": variant, "outer": "nesterov", "rank": 4}}
+        config = {"method": method, "lte": {"variant": variant, "outer": "nesterov", "rank": 4, "heads": 4},
+                  "resolved": {"heads": 1 if method in ("lora", "full") else 4}}
         (d / "summary.json").write_text(json.dumps({"config": config, "final": {"test_acc": 50.0}, "totals": totals}))
         (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "step": 2, "samples": 32, "test_acc": 40.0}) + "\n")
     report_main([str(tmp_path / "sweep"), "--out", str(tmp_path / "report")])
     with open(tmp_path / "report" / "results.csv") as f:
         variant = {r["run"]: r["lte.variant"] for r in csv.DictReader(f)}
     assert variant == {"a": "reset", "b": "exact", "c": "-", "d": "-"}
+    with open(tmp_path / "report" / "results.csv") as f:  # what the method trained: one LoRA head
+        heads = {r["run"]: r.get("lte.heads") for r in csv.DictReader(f)}
+    assert heads["c"] == "1" and heads["a"] == "4"
     runs = {r.name: r for r in find_runs(tmp_path / "sweep")}
     keys = varying_keys(list(runs.values()))
     assert "reset" in label(runs["a"], keys) and "exact" in label(runs["b"], keys)
@@ -232,3 +241,28 @@ def test_flower_server_logs_the_head_alignment_the_fused_engine_logs(tmp_path):
     rows = RunDir(tmp_path / "flower").read_metrics()
     assert rows[0]["head_cosine"] == got["head_cosine"] and rows[0]["head_grassmann"] == got["head_grassmann"]
     assert "head_cosine" not in rows[1]
+
+
+def test_a_job_out_of_memory_and_a_run_out_every_job_would_share_fail_in_one_line(tmp_path):
+    """A job whose allocation fails (a rank of 10^8) is a failed row that says so, not a
+    traceback that ends the sweep's reporting; a plain run.out would be every job's dir (the
+    second job was refused there and the report found nothing), so a sweep refuses it."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))
+
+    env = os.environ | {"PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "app.cli", "-m", "run.engine=fused", "model.name=mlp", "train.steps=2",
+            "run.progress=false"]
+    oom = subprocess.run([*base, "lte.rank=4,100000000", f"hydra.sweep.dir={tmp_path / 'oom'}"], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert oom.returncode == 2 and "Traceback" not in oom.stderr, oom.stderr[-3000:]
+    assert "lte-fed: error: out of memory:" in oom.stderr and "1 job(s) of the sweep failed" in oom.stderr
+    assert json.loads((tmp_path / "oom" / "1" / "summary.json").read_text())["failed"]
+    assert "test_acc" in json.loads((tmp_path / "oom" / "0" / "summary.json").read_text())["final"]
+    shared = subprocess.run([*base, "lte.heads=1,2", f"run.out={tmp_path / 'one'}",
+                             f"hydra.sweep.dir={tmp_path / 'shared'}"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert shared.returncode == 2 and "would be every job's dir" in shared.stderr, shared.stderr[-3000:]
+    assert not (tmp_path / "one").exists()
