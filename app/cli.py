@@ -149,7 +149,7 @@ def _main(cfg: DictConfig) -> float | None:
               else "no merge had finished, nothing to resume"), file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
     except (*user_errors(), MemoryError, RuntimeError) as e:
-        if isinstance(e, (MemoryError, RuntimeError)) and not _out_of_memory(e):
+        if not isinstance(e, user_errors()) and not _out_of_memory(e):
             if sweep:  # a bug: the job's dir says so too, and Hydra goes on to the next job
                 _record_failure(HydraConfig.get().runtime.output_dir, e)
             raise
