@@ -197,10 +197,11 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         loaded = [_load_head(model, i, stores[i], sources[i], bool(committed[i]), unprefixed(str(h), restore),
                              state_round) for i, h in enumerate(heads)]
         cuts = [model.head_cuts(i) for i in range(len(heads))]
-        load_head_optimizer_states(opt, model.head_params(), [o for o, _ in loaded], cuts)
+        load_head_optimizer_states(opt, model.head_params(), [o for o, _, _ in loaded], cuts)
         # the state files' tensors are views of one buffer per file: keep copies of the residuals
         # only, so the files' moments (a second set of AdamW state) do not live through training
-        resids = [{k: t.clone() for k, t in r.items()} for _, r in loaded]
+        resids = [{k: t.clone() for k, t in r.items()} for _, r, _ in loaded]
+        lost = [why for _, _, why in loaded]
         model.load_replicas(replicas)
         del replicas, restore, loaded
         _drop_arrays(msg, P.BASE, P.REPLICAS, P.RESTORE)
@@ -233,7 +234,8 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
         records[P.head_record(h)] = ArrayRecord(replies[i])
         records[P.metrics_record(h)] = MetricRecord({
             "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
-            "num-examples": steps * src.per_head_batch, **message_costs})
+            "num-examples": steps * src.per_head_batch, **message_costs,
+            **({P.STATE_LOST: 1} if lost[i] else {})})
     _keep_node_model(spec_json, ranks, job.device, model)
     return Message(RecordDict(records), reply_to=msg)
 
@@ -300,28 +302,31 @@ def _uplink_payload(fmt: str, end: dict, start: dict, resid: dict) -> tuple[dict
 
 def _load_head(model: StackedLTE, i: int, store: "StateFiles", source: str, committed: bool,
                restore: dict[str, torch.Tensor], state_round: int
-               ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+               ) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor], str | None]:
     """Head slice i's state as the server's "source" says (strategies/lte_strategy.py); returns
-    its saved optimizer state, if it has one, and the uplink's error-feedback residual saved with
-    it ({} when the head starts anew: from its init or the server's copy)."""
+    its saved optimizer state, if it has one, the uplink's error-feedback residual saved with
+    it ({} when the head starts anew: from its init or the server's copy), and why a saved state
+    this node should have had could not be used (None if nothing was lost)."""
     if source == "fresh":  # never trained: as built, A drawn from (seed, head), B and V zero
-        return None, {}
+        return None, {}, None
+    lost = None
     if source in ("local", "local-or-restore"):
         try:
             saved = store.load(state_round)
         except ValueError as e:
             if source == "local" or not restore:
                 raise
-            log.warning("%s; %s starts from the server's copy instead", e, store.name)  # as if the file were lost
+            lost = f"{e}; {store.name} starts from the server's copy instead"  # as if the file were lost
+            log.warning("%s", lost)
             saved = None
         if saved is not None:
             model.load_head_state(i, unprefixed("head", saved))
             if committed:
                 model.commit_head(i)  # our last update is in W now: V <- B A (exact) or B <- 0
-            return unprefixed("opt", saved), unprefixed("resid", saved)
+            return unprefixed("opt", saved), unprefixed("resid", saved), None
     if source in ("restore", "local-or-restore") and restore:
         model.load_head_state(i, restore)  # as of its last merge; AdamW anew
-        return None, {}
+        return None, {}, lost
     raise ClientConfigError(f"{store.name}: no saved state for round {state_round} on this node "
                             f"and no {P.RESTORE!r} record (source {source!r})")
 
@@ -384,6 +389,11 @@ class StateFiles:
             raise ClientConfigError(f"bad run id {run_id!r} in the train config")
         self.root = Path(str(root))
         self.dir, self.name = self.root / run_id, name
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ClientConfigError(f"state dir {self.root}: cannot keep this node's state there ({e.strerror}: "
+                                    f"{e.filename}); set node config 'state-dir' to a writable folder") from None
 
     def _file(self, rnd: int) -> Path:
         return self.dir / f"{self.name}-r{rnd}.safetensors"
@@ -398,7 +408,8 @@ class StateFiles:
         flat = prefixed("head", tensors) | prefixed("opt", opt) | prefixed("resid", P.wire(resid or {}))
         packed, layout = P.pack_tensors(flat)
         tmp = self._file(rnd).with_suffix(".tmp")
-        save_file(packed, str(tmp), metadata={"round": str(rnd), LAYOUT: layout})
+        save_file(packed, str(tmp), metadata={"round": str(rnd), "name": self.name, "run_id": self.dir.name,
+                                              LAYOUT: layout})
         tmp.replace(self._file(rnd))
         for old in self.dir.glob(f"{self.name}-r*.safetensors"):
             k = old.name[len(self.name) + 2:-len(".safetensors")]
@@ -415,10 +426,16 @@ class StateFiles:
         log.info("%s: state of round %d loaded from %s", self.name, rnd, path)
         try:
             with safe_open(str(path), "pt") as f:
-                layout = (f.metadata() or {}).get(LAYOUT)
+                meta = f.metadata() or {}
                 stored = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # noqa: BLE001 -- truncated or overwritten (a full disk, a crash): say which file
             raise ValueError(f"{path}: not a readable state file ({type(e).__name__}: {e})") from None
+        # a file copied or renamed onto this name holds another head's, round's or run's state
+        # (files written before these keys were recorded have none of them)
+        for key, want in (("name", self.name), ("round", str(rnd)), ("run_id", self.dir.name)):
+            if key in meta and meta[key] != want:
+                raise ValueError(f"{path}: holds the state of {key} {meta[key]!r}, not {want!r}")
+        layout = meta.get(LAYOUT)
         try:  # files without a layout hold one tensor per name (written before packing)
             return stored if layout is None else P.unpack_tensors(stored, layout)
         except (ValueError, KeyError, TypeError) as e:

@@ -47,7 +47,7 @@ wait_up "$PID" 127.0.0.1 "$PORT" "$LOG"
 # Activated: the node logs its "SuperNode ID". An unregistered key (or a wrong CA) makes it
 # exit within seconds instead ("Exit Code: 305 ... Failed to activate SuperNode"), no retry.
 for _ in $(seq $((2 * ${START_WAIT:-60}))); do
-  running "$PID" || { tail -n +$((SKIP + 1)) "$LOG" | tail -20 >&2; die "supernode $ID exited at start (unregistered key? wrong CA?)"; }
+  running "$PID" || { tail -n +$((SKIP + 1)) "$LOG" | tail -20 >&2; die "supernode $ID exited at start (unregistered key? wrong CA? or, just after this node was killed, the SuperLink still counts it online until its heartbeat runs out, about a minute: start it again then)"; }
   tail -n +$((SKIP + 1)) "$LOG" | grep -q "SuperNode ID:" && { echo "supernode $ID PID $PID port $PORT (log $LOG)"; exit 0; }
   sleep 0.5
 done

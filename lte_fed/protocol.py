@@ -34,6 +34,9 @@ from dataclasses import dataclass
 import torch
 
 BASE, REPLICAS, RESTORE, CONFIG, HEAD, METRICS, WEIGHTS = "base", "replicas", "restore", "config", "head", "metrics", "arrays"
+# A head's reply metric: 1 when the node could not use the state it had saved for the head (an
+# unreadable or foreign file) and trained it from the server's copy instead (why: the node's log).
+STATE_LOST = "state_lost"
 
 
 def head_record(head: int) -> str:

@@ -75,6 +75,7 @@ class LTEStrategy(RoundLoop):
         self.round_loss, self.alignment = float("nan"), {}
         self.costs: dict[int, dict] = {}  # head -> what its message cost the worker (lte_fed/costs.py)
         self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "ranks": [...]}]
+        self.merged_now: list[int] = []  # the heads this round merged
         self._shape = None  # the model's shape for the memory estimate (memory-gb nodes), built once
         self.pace: dict[int, list[tuple[float, float]]] = {}  # node -> its last PACE_ANSWERS (s per step, s of the rest)
 
@@ -243,8 +244,9 @@ class LTEStrategy(RoundLoop):
                           len if nodes else lambda infos: sum(i.heads or 1 for i in infos), timeout)
 
     def round_record(self) -> dict:
-        """Which node (partition-id) trained which heads at which rank this round."""
-        return {"placement": self.placement}
+        """Which node (partition-id) trained which heads at which rank this round, and which
+        heads were merged."""
+        return {"placement": self.placement, "merged": self.merged_now}
 
     def _source(self, head: int, node: int) -> str:
         rec = self.ledger[head]
@@ -276,6 +278,9 @@ class LTEStrategy(RoundLoop):
             for h in heads:  # each head is screened on its own: a bad one is refused alone
                 self._round.receive(h, None if error is not None else reply.content, error,
                                     arrays=P.head_record(h), metrics=P.metrics_record(h))
+                if error is None and _state_lost(reply, h):
+                    log.warning("round %d: head %d's node could not use the state it had saved (its log says why) and "
+                                "trained it from the server's copy: its work since that copy is lost", server_round, h)
             if server_round > self.first_round:  # the first includes every node's start-up: no pace
                 self._note_pace(reply, self.arrived.get(reply.metadata.reply_to_message_id))
             if error is None and heads:  # one message, one cost: filed under its first head
@@ -284,7 +289,7 @@ class LTEStrategy(RoundLoop):
                 len({self.rank_of(h) for h in self._round.got}) == 1:  # the measures compare heads of one rank
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})
         result = self._round.close(self.spec.run.min_heads)
-        self.round_loss = result.train_loss
+        self.round_loss, self.merged_now = result.train_loss, sorted(result.merged)
         return None, MetricRecord({"merged_heads": len(result.merged)})
 
     def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
@@ -339,3 +344,12 @@ class LTEStrategy(RoundLoop):
         self.dir.adopt_client_state(src, self.run_id)
         log.info("resumed from %s at round %d", self.spec.run.resume, self.round)
 
+
+def _state_lost(reply: Message, head: int) -> bool:
+    """Whether `head`'s reply metrics say its node lost the state it had saved (P.STATE_LOST);
+    False for a reply without them or malformed (screened elsewhere)."""
+    try:
+        value = reply.content[P.metrics_record(head)][P.STATE_LOST]
+    except Exception:  # noqa: BLE001 -- a malformed reply must not crash the round
+        return False
+    return isinstance(value, int) and not isinstance(value, bool) and value == 1

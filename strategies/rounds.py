@@ -98,6 +98,18 @@ class RoundLoop(Strategy):
         """summary.json's "params" (each strategy counts its own model's)."""
         raise NotImplementedError
 
+    def merges_per_head(self, rows: list[dict]) -> dict:
+        """summary.json's "merges_per_head" (from the rows' "merged" lists, LTE's), each head's
+        count of the rounds that merged it; a head missing from some says so here, at the end,
+        where a line in one round's log is easy to miss (a node that failed every round)."""
+        if not rows or not all(isinstance(r.get("merged"), list) for r in rows):
+            return {}
+        counts = [sum(h in r["merged"] for r in rows) for h in range(self.spec.heads)]
+        for h, n in enumerate(counts):
+            if n < len(rows):
+                log.warning("head %d was merged in %d of %d rounds (each round's reasons are above)", h, n, len(rows))
+        return {"merges_per_head": counts}
+
     def round_record(self) -> dict:
         """Extra fields of this round's metrics row (LTEStrategy: the placement)."""
         return {}
@@ -127,9 +139,10 @@ class RoundLoop(Strategy):
             self.dir.save_model(self.plain_state(), metadata={"model": s.model.name, "method": s.method})
         if merged_nothing(rows):
             log.error("no round merged any head: the model is untrained (each round's reasons are above)")
+        extra = self.merges_per_head(rows)
         # LTE: which node (partition-id) trained which heads at which rank in the last round
         # (every round's is in its metrics row)
-        extra = {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}
+        extra |= {"placement": rows[-1]["placement"]} if rows and "placement" in rows[-1] else {}
         # what every node that answered declared, and the peak memory of the process that answered
         nodes = sorted(self.partitions.info.values(), key=lambda i: i.partition)
         extra["nodes"] = [{"partition": i.partition, "heads": i.heads, "rank": i.rank, "memory_gb": i.memory_gb,

@@ -3,6 +3,7 @@ a vanished node's head continues, FedAvg baseline, and no process left behind.""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -106,6 +107,11 @@ def test_a_bad_client_is_rejected_and_the_others_merge(tmp_path, fault, reason, 
     assert merged[int(rnd) - 1] == 2 and merged.count(3) == len(rows) - 1
     logged = (tmp_path / "flower.log").read_text()  # the ServerApp's log, as `flwr run` streamed it
     assert f"head {head}" in logged and reason in logged
+    assert [r["merged"] for r in rows][int(rnd) - 1] == sorted({0, 1, 2} - {int(head)})
+    # the end of the run says which head missed a merge, in the log and in summary.json
+    assert f"head {head} was merged in {len(rows) - 1} of {len(rows)} rounds" in logged
+    per_head = json.loads((tmp_path / "summary.json").read_text())["merges_per_head"]
+    assert per_head == [len(rows) - (h == int(head)) for h in range(3)]
     state = model_of(tmp_path)
     assert all(torch.isfinite(t).all() for t in state.values())
 

@@ -400,9 +400,43 @@ def test_a_damaged_state_file_falls_back_to_the_servers_copy_where_the_server_se
     store._file(3).write_bytes(store._file(3).read_bytes()[:100])  # cut short
     with pytest.raises(ValueError, match=r"head-0-r3\.safetensors: not a readable state file"):
         CA._load_head(model, 0, store, "local", True, restore, 3)
-    opt, resid = CA._load_head(model, 0, store, "local-or-restore", True, restore, 3)
+    opt, resid, lost = CA._load_head(model, 0, store, "local-or-restore", True, restore, 3)
     assert opt is None and resid == {}  # AdamW anew, as for a lost file
+    assert "not a readable state file" in lost  # the reply says so (P.STATE_LOST), the server logs it
     assert all(torch.equal(model.head_state(0)[k], restore[k]) for k in restore)
+
+
+@pytest.mark.parametrize("whose", ["head", "round", "run"])
+def test_a_state_file_of_another_head_round_or_run_is_not_taken_for_this_ones(tmp_path, whose):
+    """A file copied onto a head's state file name (another head's, an older round's, another
+    run's) was loaded as that head's state, and the run went on from it without a word."""
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as CA
+    from lte_fed.lte import StackedLTE
+
+    s = spec(lte={"heads": 2, "rank": 4})
+    model = StackedLTE(setup(s).plain, lte_config(s), [0], [4])
+    ctx = Context(1, 1, {"state-dir": str(tmp_path)}, RecordDict(), {})
+    mine = CA.StateFiles(ctx, s, "run1", "head-1")
+    other = CA.StateFiles(ctx, s, "run2" if whose == "run" else "run1", "head-0" if whose == "head" else "head-1")
+    other.save(model.head_state(0), {}, rnd=2 if whose == "round" else 3, keep_from=0)
+    mine.dir.mkdir(parents=True, exist_ok=True)
+    mine._file(3).write_bytes(other._file(2 if whose == "round" else 3).read_bytes())
+    with pytest.raises(ValueError, match=rf"head-1-r3\.safetensors: holds the state of {'name' if whose == 'head' else 'round' if whose == 'round' else 'run_id'}"):
+        mine.load(3)
+    restore = {k: torch.full_like(t, 0.5) for k, t in model.head_state(0).items()}
+    assert CA._load_head(model, 0, mine, "local-or-restore", True, restore, 3)[2]  # the server's copy, said
+
+
+def test_a_state_dir_that_cannot_be_a_folder_is_named(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as CA
+
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(CA.ClientConfigError, match=r"state dir .*a-file: cannot keep this node's state there"):
+        CA.StateFiles(Context(1, 1, {"state-dir": str(tmp_path / "a-file")}, RecordDict(), {}), spec(), "run1", "head-0")
 
 
 def test_a_node_whose_copy_of_the_data_is_not_the_servers_is_refused(tmp_path):
