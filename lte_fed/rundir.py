@@ -425,6 +425,11 @@ def open_resume(job) -> tuple[RunDir, dict[str, torch.Tensor], dict[str, Any]]:
     """The run dir `job.spec.run.resume` names, its checkpoint, checked against the job: the
     same spec (but for RESUME_FREE keys) and the same data, by content (it may have moved)."""
     src = RunDir.existing(job.spec.run.resume)
+    elsewhere = not job.spec.run.out or Path(src.path).resolve() != Path(job.spec.run.out).resolve()
+    if elsewhere and (in_use(src.path, LOCK) or in_use(src.path, SERVER_LOCK)):
+        # two runs continuing one: on Flower they share its run id, and so the nodes' state files
+        raise SpecError(f"run.resume: {src.path} is still running (a live run holds its lock); stop it, or wait "
+                        "for it to end, before resuming it elsewhere")
     tensors, meta = src.load_checkpoint()
     check_resumable(meta["spec"], job.spec.to_dict())
     if meta.get("data_id", job.data_id) != job.data_id:  # (checkpoints before data_id: not checked)

@@ -83,8 +83,17 @@ def test_ctrl_c_then_resume_elsewhere_ends_as_an_uninterrupted_run(tmp_path, eng
 
 
 def test_resuming_a_finished_run_into_a_new_directory_reports_it(tmp_path):
+    import fcntl
+
     args = job("fused", "lte", 4)
     assert lte_fed(args, tmp_path / "a", tmp_path / "a.log").wait(timeout=300) == 0
+    # while a live run still holds a (its lock), resuming it elsewhere is refused: on Flower the
+    # two would share its run id, and with it the nodes' state files
+    with open(tmp_path / "a" / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = subprocess.run([str(BIN / "lte-fed"), *args, f"run.resume={tmp_path / 'a'}",
+                               f"run.out={tmp_path / 'c'}"], capture_output=True, text=True, timeout=300)
+    assert busy.returncode == 2 and "is still running" in busy.stderr, busy.stderr[-3000:]
     again = lte_fed([*args, f"run.resume={tmp_path / 'a'}"], tmp_path / "b", tmp_path / "b.log")
     assert again.wait(timeout=300) == 0, (tmp_path / "b.log").read_text()[-3000:]
     assert RunDir(tmp_path / "b").read_metrics() == RunDir(tmp_path / "a").read_metrics()
