@@ -149,11 +149,12 @@ def _main(cfg: DictConfig) -> float | None:
               else "no merge had finished, nothing to resume"), file=sys.stderr)
         sys.exit(128 + (signal.SIGTERM if isinstance(e, Stopped) else signal.SIGINT))
     except (*user_errors(), MemoryError, RuntimeError) as e:
-        if not isinstance(e, user_errors()) and not _out_of_memory(e):
+        oom = _out_of_memory(e)
+        if not isinstance(e, user_errors()) and not oom:
             if sweep:  # a bug: the job's dir says so too, and Hydra goes on to the next job
                 _record_failure(HydraConfig.get().runtime.output_dir, e)
             raise
-        print(f"{ERROR_PREFIX}{_out_of_memory(e) or e}", file=sys.stderr)
+        print(f"{ERROR_PREFIX}{oom or e}", file=sys.stderr)
         if sweep:
             _record_failure(HydraConfig.get().runtime.output_dir, e)
             return None

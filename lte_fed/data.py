@@ -16,6 +16,7 @@ Key layout (note that numpy's SeedSequence ignores trailing zero keys, so sub-ta
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator
@@ -389,6 +390,7 @@ def _resize_axis(x: torch.Tensor, size: int, dim: int) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=32)  # every batch of a run asks for the same few: read-only tensors
 def _resize_taps(n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
     """For each of n_out output pixels, the input pixels it reads and their weights: (n_out, taps)
     int64 and float64, each row summing to 1. A triangle of half-width max(scale, 1) input pixels
