@@ -53,9 +53,15 @@ def run_job(spec: Spec, out: str | Path, record: dict[str, str] | None = None) -
 
 def report(summary: dict, out: str | Path) -> str:
     """The short table that ends a run: this run next to the full-training reference."""
+    table = _report_text(summary, out) if "val_loss" in summary["final"] else _report_images(summary, out)
+    counts, rounds = summary.get("merges_per_head", []), summary.get("rounds", 0)
+    missed = [f"warning: head {h} was merged in {n} of {rounds} rounds (why: {Path(out) / 'flower.log'})"
+              for h, n in enumerate(counts) if n < rounds]
+    return "\n".join([table, *missed])
+
+
+def _report_images(summary: dict, out: str | Path) -> str:
     cfg, fin, tot = summary["config"], summary["final"], summary["totals"]
-    if "val_loss" in fin:
-        return _report_text(summary, out)
     lines = [f"run dir: {out}", "", f"| {'run':<28} | test acc | test loss | samples | sync steps | bytes moved |",
              f"|{'-' * 30}|----------|-----------|---------|------------|-------------|"]
     name = _run_name(cfg)

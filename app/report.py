@@ -45,6 +45,9 @@ SHORT = {"lte.heads": "N", "lte.rank": "r", "lte.merge_every": "T", "lte.alpha":
 NO_HEADS = {"full"}
 # NEVER_MERGE: for the methods that never merge, the keys that say what a merge does mean nothing.
 MERGE_KEYS = ("lte.variant", "lte.outer")  # lte.outer and its lte.outer_* settings
+# Keys of one kind of job only: in a folder of both kinds, mean nothing for the other kind's runs.
+TEXT_ONLY_KEYS = ("model.block_size", "data.tokenizer", "data.val_tokens", "run.sample_tokens")
+IMAGE_ONLY_KEYS = ("model.img_size", "model.patch_size", "data.augment", "data.synthetic_size")
 IMAGE_COLS = ["test_loss", "test_acc", "best_test_acc"]
 TEXT_COLS = ["val_loss", "perplexity", "best_val_loss", "tokens"]  # language models
 RESULT_COLS = [*IMAGE_COLS, "samples", "sync_steps", "bytes_up", "bytes_down", "wall_s"]
@@ -67,6 +70,10 @@ class Run:
     @property
     def method(self) -> str:
         return str(self.config.get("method", ""))
+
+    @property
+    def is_text(self) -> bool:
+        return "val_loss" in self.summary.get("final", {}) or any("val_loss" in r for r in self.rows)
 
     def result(self, key: str) -> Any:
         if self.status != "ok":
@@ -201,9 +208,10 @@ def varying_keys(runs: list[Run]) -> list[str]:
 
 def means_nothing(run: Run, key: str) -> bool:
     """Whether config `key` has no effect on `run` (an lte.* key of full training, a merge key
-    of a method that never merges)."""
+    of a method that never merges, a language model's key of an image run and the reverse)."""
     return (run.method in NO_HEADS and key.startswith("lte.")
-            or run.method in NEVER_MERGE and key.startswith(MERGE_KEYS))
+            or run.method in NEVER_MERGE and key.startswith(MERGE_KEYS)
+            or key in (IMAGE_ONLY_KEYS if run.is_text else TEXT_ONLY_KEYS))
 
 
 def cell(run: Run, key: str) -> Any:
@@ -313,13 +321,15 @@ def _plottable(row: dict[str, Any], need: tuple[str, ...]) -> bool:
     return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool) for k in need)
 
 
-def _plot_curves(runs: list[Run], keys: list[str], path: Path, *, metric: str, progress: str,
+def _plot_curves(runs: list[Run], path: Path, *, metric: str, progress: str,
                  ylabel: str, progress_label: str, title: str) -> bool:
-    """`metric` against sync steps (log) and against `progress` (samples or tokens), one line a run."""
+    """`metric` against sync steps (log) and against `progress` (samples or tokens), one line a run,
+    labelled by the keys that vary between the runs it plots."""
     need = ("round", "step", progress, metric)
     runs = [r for r in runs if any(_plottable(x, need) for x in r.rows)]
     if not runs:
         return False
+    keys = varying_keys(runs)
     plt = _plt()
     styles = _styles(runs, plt)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
@@ -343,25 +353,26 @@ def _plot_curves(runs: list[Run], keys: list[str], path: Path, *, metric: str, p
     return True
 
 
-def plot_accuracy(runs: list[Run], keys: list[str], path: Path) -> bool:
-    return _plot_curves(runs, keys, path, metric="test_acc", progress="samples", ylabel="test accuracy (%)",
+def plot_accuracy(runs: list[Run], path: Path) -> bool:
+    return _plot_curves(runs, path, metric="test_acc", progress="samples", ylabel="test accuracy (%)",
                         progress_label="training samples seen (all heads together)",
                         title="Test accuracy vs synchronization steps and samples seen")
 
 
-def plot_loss(runs: list[Run], keys: list[str], path: Path) -> bool:
+def plot_loss(runs: list[Run], path: Path) -> bool:
     """Language models: validation loss vs sync steps and vs tokens seen."""
-    return _plot_curves(runs, keys, path, metric="val_loss", progress="tokens",
+    return _plot_curves(runs, path, metric="val_loss", progress="tokens",
                         ylabel="validation loss (nats per token)",
                         progress_label="training tokens seen (all heads together)",
                         title="Validation loss vs synchronization steps and tokens seen")
 
 
-def plot_alignment(runs: list[Run], keys: list[str], path: Path) -> bool:
+def plot_alignment(runs: list[Run], path: Path) -> bool:
     need = ("samples", "head_cosine", "head_grassmann")
     runs = [r for r in runs if any(_plottable(x, need) for x in r.rows)]
     if not runs:
         return False
+    keys = varying_keys(runs)
     plt = _plt()
     styles = _styles(runs, plt)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -407,11 +418,11 @@ def make_report(sweep: str | Path, out: str | Path | None = None) -> dict[str, P
     written = {"csv": out / "results.csv", "md": out / "results.md"}
     write_csv(written["csv"], header, rows)
     written["md"].write_text(markdown(header, rows))
-    if plot_accuracy(runs, keys, out / "accuracy.png"):
+    if plot_accuracy(runs, out / "accuracy.png"):
         written["accuracy"] = out / "accuracy.png"
-    if plot_loss(runs, keys, out / "loss.png"):
+    if plot_loss(runs, out / "loss.png"):
         written["loss"] = out / "loss.png"
-    if plot_alignment(runs, keys, out / "alignment.png"):
+    if plot_alignment(runs, out / "alignment.png"):
         written["alignment"] = out / "alignment.png"
     return written
 

@@ -176,11 +176,11 @@ def _imagefolder(root: str | None, size: int, test_fraction: float, seed: int) -
             missing = sorted(set(tr.classes) ^ set(te.classes))
             raise DataError(f"{root}: train/ and {held_out}/ have different class folders (in one only: "
                             f"{', '.join(missing[:5])}); each class needs a folder in both")
-        _refuse_duplicates(tr.samples + te.samples)
+        refuse_duplicates([p for p, _ in tr.samples + te.samples], IMAGE_TWICE)
         (train_x, train_y), (test_x, test_y) = _read_images(tr, size), _read_images(te, size)
     else:
         tr = _image_folder(root)
-        _refuse_duplicates(tr.samples)
+        refuse_duplicates([p for p, _ in tr.samples], IMAGE_TWICE)
         x, y = _read_images(tr, size)
         itr, ite = _stratified_split(y, test_fraction, seed)
         train_x, train_y, test_x, test_y = x[itr], y[itr], x[ite], y[ite]
@@ -213,13 +213,17 @@ def _image_folder(root: str):
                         "are skipped)") from None
 
 
-def _refuse_duplicates(samples: list[tuple[str, int]]) -> None:
+IMAGE_TWICE = "image (a symlink, or a loop of them): an image must be in the data once, or it can be both trained on and tested on"
+
+
+def refuse_duplicates(paths: list[str], why: str) -> None:
+    """DataError if two of `paths` are one file (a symlink to another, or a loop of them); `why`
+    ends the message: what the file is, and what reading it twice would do."""
     seen: dict[str, str] = {}
-    for path, _ in samples:
+    for path in paths:
         real = os.path.realpath(path)
         if real in seen:
-            raise DataError(f"{path} and {seen[real]} are the same image (a symlink, or a loop of them): an image must "
-                            "be in the data once, or it can be both trained on and tested on")
+            raise DataError(f"{path} and {seen[real]} are the same {why}")
         seen[real] = path
 
 

@@ -176,7 +176,7 @@ def batch_source(job: Job) -> BatchSource | T.TextBatchSource:
     if job.is_text:
         shards = text_shards(s, job.data)
         per_head = s.train.batch_size // s.lte.heads if split else s.train.batch_size
-        return T.TextBatchSource(job.data, shards, per_head, job.data.block_size, s.run.seed)
+        return T.TextBatchSource(job.data, shards, per_head, job.data.block_size, s.run.seed, same_batch=not split)
     if split:
         shards = D.partition(job.data.train_y, s.lte.heads, s.data.partition, s.data.alpha, s.run.seed)
         per_head = s.train.batch_size // s.lte.heads

@@ -35,7 +35,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .data import TEXT_DATASETS, DataError
+from .data import TEXT_DATASETS, DataError, refuse_duplicates
 from .rng import DATA, SPLIT, torch_generator
 
 TOKENIZERS = ("char", "gpt2")
@@ -261,12 +261,16 @@ def _text_files(root: str | None) -> list[tuple[str, str]]:
         raise DataError(f"data.root={root!r}: not a regular file or a folder ({p.absolute()})")
     else:
         raise DataError(f"data.root={root!r}: no such file or folder ({p.absolute()})")
+    refuse_duplicates([str(f) for f in files], "file (a symlink): each text must be in the data once, or it is "
+                      "trained on twice; remove the link")
     docs = []
     for f in files:
         try:
             text = f.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is not a character of the text
         except UnicodeDecodeError as e:
-            raise DataError(f"{f}: not UTF-8 text ({e}); data.name=text reads text files only") from None
+            # no guessing of other encodings: a wrong guess would train on garbled text without a word
+            raise DataError(f"{f}: not UTF-8 text ({e}); data.name=text reads UTF-8 text files only: convert it "
+                            "(e.g. iconv -f latin1 -t utf-8) or move it out of data.root") from None
         if text.strip():
             docs.append((str(f.relative_to(p)) if p.is_dir() else f.name, gutenberg_books(text)))
     if not docs:
@@ -312,11 +316,13 @@ class TextBatchSource:
     per_head_batch: int
     block_size: int
     seed: int
+    same_batch: bool = False  # every head draws head 0's batch (as the image BatchSource)
 
     def __post_init__(self):
         _check_shards(self.shards, self.block_size)
 
     def batch(self, head: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        head = 0 if self.same_batch else head  # a Flower node asks for its own head's batch
         shard = self.shards[head]
         g = torch_generator(self.seed, DATA, head, step)
         starts = torch.randint(0, len(shard) - self.block_size, (self.per_head_batch,), generator=g)

@@ -41,6 +41,7 @@ class FedAvgStrategy(RoundLoop):
         self.round_loss, self.alignment = math.nan, {}
         self.costs: dict[int, dict] = {}  # worker -> what its message cost it (lte_fed/costs.py)
         self._sent: list[Message] = []
+        self.merged_now: list[int] = []  # the workers this round averaged
 
     def param_counts(self) -> dict[str, int]:
         """summary.json's "params": every weight trains (as method=full's)."""
@@ -66,7 +67,7 @@ class FedAvgStrategy(RoundLoop):
         ids = {m.metadata.message_id: int(m.content[P.CONFIG]["head"]) for m in self._sent}
         good: dict[int, tuple[dict[str, torch.Tensor], float, float]] = {}
         seen: set[int] = set()
-        self.bytes_up, self.costs = 0, {}
+        self.bytes_up, self.costs, self.merged_now = 0, {}, []
         for reply in replies:
             worker = ids.get(reply.metadata.reply_to_message_id)
             if worker is None or worker in seen:
@@ -95,8 +96,11 @@ class FedAvgStrategy(RoundLoop):
         if not all(torch.isfinite(t).all() for t in merged.values()):
             log.error("round %d: the average is not finite: nothing merged", server_round)
             return None, MetricRecord({"merged_heads": 0})
-        self.model = merged
+        self.model, self.merged_now = merged, sorted(good)
         return None, MetricRecord({"merged_heads": len(good)})
+
+    def round_record(self) -> dict:
+        return {"merged": self.merged_now}
 
     def _too_large(self, state: dict[str, torch.Tensor]) -> str | None:
         for k, t in state.items():

@@ -99,16 +99,17 @@ class RoundLoop(Strategy):
         raise NotImplementedError
 
     def merges_per_head(self, rows: list[dict]) -> dict:
-        """summary.json's "merges_per_head" (from the rows' "merged" lists, LTE's), each head's
-        count of the rounds that merged it; a head missing from some says so here, at the end,
-        where a line in one round's log is easy to miss (a node that failed every round)."""
+        """summary.json's "merges_per_head" (from the rows' "merged" lists: LTE's heads, FedAvg's
+        workers), each head's count of the rounds that merged it, out of "rounds"; a head missing
+        from some says so here, at the end, where a line in one round's log is easy to miss (a
+        node that failed every round)."""
         if not rows or not all(isinstance(r.get("merged"), list) for r in rows):
             return {}
         counts = [sum(h in r["merged"] for r in rows) for h in range(self.spec.heads)]
         for h, n in enumerate(counts):
             if n < len(rows):
                 log.warning("head %d was merged in %d of %d rounds (each round's reasons are above)", h, n, len(rows))
-        return {"merges_per_head": counts}
+        return {"merges_per_head": counts, "rounds": len(rows)}
 
     def round_record(self) -> dict:
         """Extra fields of this round's metrics row (LTEStrategy: the placement)."""

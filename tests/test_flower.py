@@ -12,6 +12,7 @@ import uuid
 import pytest
 import torch
 
+from app.cli import report
 from lte_fed.engine import run_fused
 from lte_fed.rundir import RunDir
 from lte_fed.spec import SpecError
@@ -110,8 +111,11 @@ def test_a_bad_client_is_rejected_and_the_others_merge(tmp_path, fault, reason, 
     assert [r["merged"] for r in rows][int(rnd) - 1] == sorted({0, 1, 2} - {int(head)})
     # the end of the run says which head missed a merge, in the log and in summary.json
     assert f"head {head} was merged in {len(rows) - 1} of {len(rows)} rounds" in logged
-    per_head = json.loads((tmp_path / "summary.json").read_text())["merges_per_head"]
-    assert per_head == [len(rows) - (h == int(head)) for h in range(3)]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["merges_per_head"] == [len(rows) - (h == int(head)) for h in range(3)]
+    warnings = [line for line in report(summary, tmp_path).splitlines() if line.startswith("warning")]
+    assert warnings == [f"warning: head {head} was merged in {len(rows) - 1} of {len(rows)} rounds "
+                        f"(why: {tmp_path / 'flower.log'})"]  # on the terminal, under the results
     state = model_of(tmp_path)
     assert all(torch.isfinite(t).all() for t in state.values())
 
@@ -150,6 +154,8 @@ def test_fedavg_baseline_runs_through_flowers_fedavg(tmp_path):
     rows = RunDir(tmp_path).read_metrics()
     assert len(rows) == 2 and all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
     assert summary["config"]["method"] == "fedavg"
+    assert [r["merged"] for r in rows] == [[0, 1]] * 2 and summary["merges_per_head"] == [2, 2]
+    assert "warning" not in report(summary, tmp_path)
     assert summary["params"]["trainable"] == sum(t.numel() for t in model_of(tmp_path).values())
     # FedAvg moves the whole model both ways; LTE (quant none) moves the base down, factors up
     assert rows[-1]["bytes_up"] > 0.5 * rows[-1]["bytes_down"]

@@ -111,6 +111,14 @@ def test_a_missing_corpus_is_one_clear_error(tmp_path):
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
     with pytest.raises(DataError, match="not UTF-8"):
         T.load_text("text", root=str(tmp_path / "bin.txt"))
+    corpus = write_corpus(tmp_path / "c")
+    (corpus / "old.txt").write_bytes("Pr\xe9face, na\xefve\n".encode("latin-1") * 20)  # an old Gutenberg file
+    with pytest.raises(DataError, match=r"old.txt: not UTF-8 text .*convert it \(e.g. iconv"):
+        T.load_text("text", root=str(corpus))
+    (corpus / "old.txt").unlink()
+    (corpus / "again.txt").symlink_to(corpus / "doc1.txt")  # one text reached twice would train twice
+    with pytest.raises(DataError, match="doc1.txt and .*again.txt are the same file"):
+        T.load_text("text", root=str(corpus))
     os.mkfifo(tmp_path / "fifo")  # reading it would wait for a writer forever
     for name in ("text", "shakespeare"):
         with pytest.raises(DataError, match="not a regular file|neither a tar archive"):
@@ -137,6 +145,19 @@ def test_shards_and_windows_are_fixed_by_seed_head_and_step(tmp_path):
     again = T.TextBatchSource(data, parts, per_head_batch=4, block_size=16, seed=7).batch(2, 5, torch.device("cpu"))
     assert torch.equal(x, again[0])
     assert not torch.equal(x, src.batch(2, 6, torch.device("cpu"))[0])
+
+
+@pytest.mark.parametrize("method,same_batch", [("lte", True), ("fedavg", True), ("lora", False)])
+def test_a_head_that_draws_the_whole_batch_gets_head_0s_on_any_head(tmp_path, method, same_batch):
+    """A Flower node asks for its own head's batch. Where every head draws the whole batch (one
+    shard), that must be head 0's, as the fused engine draws it: it used to index a shard that
+    does not exist, so on Flower every head but 0 failed every round (and the run ended 0)."""
+    spec = text_spec(write_corpus(tmp_path / "c"), method, "flower" if method == "fedavg" else "fused",
+                     lte={"same_batch": same_batch})
+    src = batch_source(setup(spec, skeleton=True))
+    assert len(src.shards) == 1
+    for head in range(spec.lte.heads):
+        assert torch.equal(src.batch(head, 3, torch.device("cpu"))[0], src.batch(0, 3, torch.device("cpu"))[0])
 
 
 # ------------------------------------------------------------------------------- the model in LTE form

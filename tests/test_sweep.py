@@ -173,6 +173,33 @@ def test_the_report_blanks_keys_that_do_nothing_for_a_method(tmp_path):
     assert "reset" not in label(runs["c"], keys) and label(runs["c"], keys).startswith("lora")
 
 
+def test_a_report_over_images_and_text_blanks_each_kinds_own_keys(tmp_path):
+    """In a folder of image and language runs, a language model's keys mean nothing for an image
+    run (and the reverse): "-" in the table; each figure's legend names what varies between
+    the runs it plots, not what varies in the folder."""
+    from app.report import find_runs, make_report
+
+    for name, final, kind in [("img_a", {"test_acc": 50.0}, {"model": {"img_size": 8}, "lte": {"rank": 4}}),
+                              ("img_b", {"test_acc": 60.0}, {"model": {"img_size": 8}, "lte": {"rank": 8}}),
+                              ("txt", {"val_loss": 2.0, "perplexity": 7.4}, {"model": {"block_size": 64}})]:
+        d = tmp_path / "sweep" / name
+        d.mkdir(parents=True)
+        config = {"method": "lte", "lte": {"rank": 4}, "model": {"img_size": None, "block_size": None}} | kind
+        metric = "test_acc" if "test_acc" in final else "val_loss"
+        (d / "summary.json").write_text(json.dumps({"config": config, "final": final, "totals": {"samples": 64}}))
+        (d / "metrics.jsonl").write_text(json.dumps({"round": 1, "step": 2, "samples": 32, "tokens": 64,
+                                                     metric: final[metric]}) + "\n")
+    written = make_report(tmp_path / "sweep", tmp_path / "report")
+    with open(written["csv"]) as f:
+        rows = {r["run"]: r for r in csv.DictReader(f)}
+    assert [rows[n]["model.block_size"] for n in ("img_a", "img_b", "txt")] == ["-", "-", "64"]
+    assert [rows[n]["model.img_size"] for n in ("img_a", "img_b", "txt")] == ["8", "8", "-"]
+    from app.report import label, varying_keys
+
+    images = [r for r in find_runs(tmp_path / "sweep") if not r.is_text]
+    assert varying_keys(images) == ["lte.rank"] and label(images[0], varying_keys(images)) == "r=4"
+
+
 @pytest.mark.parametrize("preset, group, extra", [("ablation_cpu", "ablation/cpu", []),
                                                   ("ablation_gpu", "ablation/gpu", ["data.root=/data/imagenet100"])])
 def test_every_cell_of_the_ablation_presets_is_a_valid_job(preset, group, extra):
