@@ -91,6 +91,8 @@ def node_number(node_config, key: str, kind: type = int, default: float = 0, mos
     ClientConfigError naming the key."""
     value = node_config.get(key, default)
     try:
+        if isinstance(value, bool):  # partition-id=true would be read as 1
+            raise TypeError
         number = kind(value)
         whole = kind is not int or float(value) == number  # int(2.5) would be 2, silently
     except (TypeError, ValueError, OverflowError):
@@ -210,7 +212,7 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
                  for i in range(len(heads))]
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    pid = int(context.node_config.get("partition-id", -1))
+    pid = node_number(context.node_config, "partition-id")  # a value changed since the QUERY is named too
     with watch("train"):
         t0 = time.perf_counter()
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
@@ -408,12 +410,17 @@ class StateFiles:
         flat = prefixed("head", tensors) | prefixed("opt", opt) | prefixed("resid", P.wire(resid or {}))
         packed, layout = P.pack_tensors(flat)
         tmp = self._file(rnd).with_suffix(".tmp")
-        save_file(packed, str(tmp), metadata={"round": str(rnd), "name": self.name, "run_id": self.dir.name,
-                                              LAYOUT: layout})
-        tmp.replace(self._file(rnd))
+        try:
+            save_file(packed, str(tmp), metadata={"round": str(rnd), "name": self.name, "run_id": self.dir.name,
+                                                  LAYOUT: layout})
+            tmp.replace(self._file(rnd))
+        except Exception as e:  # noqa: BLE001 -- a full disk, or a folder where the file goes: name the file
+            if tmp.is_file():
+                tmp.unlink()
+            raise OSError(f"{self._file(rnd)}: cannot save this node's state there ({type(e).__name__}: {e})") from None
         for old in self.dir.glob(f"{self.name}-r*.safetensors"):
             k = old.name[len(self.name) + 2:-len(".safetensors")]
-            if k.isdigit() and int(k) < min(keep_from, rnd):
+            if k.isdigit() and int(k) < min(keep_from, rnd) and old.is_file():  # not what someone put there
                 old.unlink(missing_ok=True)
 
     def load(self, rnd: int) -> dict[str, torch.Tensor] | None:

@@ -108,17 +108,18 @@ def _write_shard(path: Path, key: dict, data: D.ImageData, data_id: str) -> None
     writers (several heads of one node, several nodes on one disk) never see half a file."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     info = {"num_classes": data.num_classes, "mean": list(data.mean), "std": list(data.std), "name": data.name,
             "data_id": data_id}
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # in the try: a file in its place is a disk problem too
         save_file({"x": data.train_x, "y": data.train_y}, str(tmp),
                   metadata={"key": json.dumps(key, sort_keys=True), "info": json.dumps(info)})
         os.replace(tmp, path)
     except OSError as e:  # a full or read-only disk costs the next message a rebuild, not this one its run
         log.warning("could not cache the shard at %s: %s", path, e)
-        tmp.unlink(missing_ok=True)
+        if tmp.is_file():
+            tmp.unlink()
 
 
 # ------------------------------------------------------------------------------ the model

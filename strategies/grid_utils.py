@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
@@ -53,6 +54,9 @@ def worker_costs(reply: Message, rnd: int, head, record: str = P.METRICS) -> dic
 
 
 WAIT_LOG_S = 30.0  # while the server waits for nodes, a line this often says for what
+# A node left out (a bad node config) is asked again this often: each QUERY is a fresh ClientApp
+# process on the node (interpreter, torch), so not every poll.
+REASK_S = 60.0
 
 
 class _WaitLog:
@@ -166,24 +170,38 @@ class PartitionMap:
     """partition-id <-> node id, what each node declared it can carry, and the round's
     head -> node placement (lte_fed/placement.py)."""
 
-    def __init__(self):
+    def __init__(self, check: Callable[[NodeInfo], str | None] | None = None):
         self.node_of: dict[int, int] = {}  # partition-id -> node id
         self.info: dict[int, NodeInfo] = {}  # node id -> its partition and declared capacity
         self.known: set[int] = set()
+        self.check = check  # what a node declares -> why it cannot take part in this run, or None
+        self.refused: dict[int, tuple[float, str]] = {}  # node id -> (when, why) it was left out
 
     def discover(self, grid: Grid, timeout: float) -> None:
-        """Ask every node not seen yet for its partition-id and capacity."""
-        new = [n for n in grid.get_node_ids() if n not in self.known]
+        """Ask every node not seen yet for its partition-id and capacity. A node that answers with
+        an error (its node config is bad) or declares what `check` refuses is left out, said once
+        in the log, and asked again after REASK_S (restarted with the same key, it has the same
+        node id)."""
+        now = time.monotonic()
+        new = [n for n in grid.get_node_ids() if n not in self.known and now - self.refused.get(n, (-REASK_S, ""))[0] >= REASK_S]
         if not new:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         for reply in send_and_receive(grid, msgs, timeout):
-            if reply.has_error():
-                continue
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
-            c = reply.content["config"]
-            self.add(info := NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
-                                      float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0))))
+            why = reply.error.reason if reply.has_error() else None
+            if why is None:
+                c = reply.content["config"]
+                info = NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
+                                float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0)))
+                why = self.check(info) if self.check else None
+            if why:
+                if self.refused.get(node, (0.0, ""))[1] != why:
+                    log.error("node %d is left out of the run: %s (asked again every %.0f s)", node, why, REASK_S)
+                self.refused[node] = (time.monotonic(), why)
+                continue
+            self.refused.pop(node, None)
+            self.add(info)
             declared = ", ".join(f"{k} {v:g}" for k, v in (("heads", info.heads), ("rank", info.rank),
                                                            ("memory", info.memory_gb)) if v) or "no capacity (it takes its share)"
             log.info("node of partition %d: declares %s%s; the process that answered peaked at %.0f MiB",
@@ -191,6 +209,11 @@ class PartitionMap:
 
     def add(self, info: NodeInfo) -> None:
         """Record a node's answer (`discover` does this for every new node)."""
+        other = self.node_of.get(info.partition, info.node)
+        if other != info.node and other in self.info:
+            log.warning("node %d declares partition-id %d, as node %d did: the placement and summary.json name nodes "
+                        "by partition-id and cannot tell them apart; give each node its own", info.node,
+                        info.partition, other)
         self.node_of[info.partition] = info.node
         self.info[info.node] = info
         self.known.add(info.node)

@@ -40,7 +40,7 @@ from lte_fed.lte import HeadLTE, plan
 from lte_fed.outer import OuterOptimizer, outer_config
 from lte_fed.placement import by_node, steps_that_fit
 from lte_fed.rundir import RunDir, check_tensors_fit, checkpoint_meta, open_resume, restoring
-from lte_fed.spec import Spec, parse_fleet
+from lte_fed.spec import Spec, SpecError, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
 
 from .grid_utils import PartitionMap, message_bytes, reply_bytes, wait_for_capacity, worker_costs
@@ -66,7 +66,7 @@ class LTEStrategy(RoundLoop):
         self.layout = P.expected_head_layout(self.ledger[0].state)
         self.guard = Guard(spec.run.max_update_ratio, spec.run.max_update_outlier)
         self.outer = None if outer_config(spec).is_avg else OuterOptimizer(outer_config(spec))  # lte.outer
-        self.partitions = PartitionMap()
+        self.partitions = PartitionMap(check=self._check_node)
         self.run_id, self.round, self.wall, self.checkpointed = uuid.uuid4().hex[:16], 0, 0.0, 0
         self.trust_local: set[int] = set()  # after a resume: heads whose node may hold their state
         self._round: RoundMerge | None = None
@@ -196,6 +196,15 @@ class LTEStrategy(RoundLoop):
     def scale_of(self, head: int) -> float:
         return head_scale(self.cfg.alpha, self.rank_of(head), self.cfg.rank, self.cfg.rank_scale)
 
+    def _check_node(self, info) -> str | None:
+        """Why a node's declaration cannot be used, or None: a rank above every LoRA layer's
+        min(out, in) buys nothing, and a huge one would allocate its factors here and on the node."""
+        top = max(min(w.shape) for w in self.W.values())
+        if info.rank > top:
+            return (f"partition {info.partition} declares rank {info.rank}, above every LoRA layer's min(out, in) "
+                    f"(at most {top}): restart it with node config rank <= {top}")
+        return None
+
     def _settle_rank(self, head: int, rank: int) -> None:
         """A head takes the rank of the node it first trains on (node config `rank`, else
         lte.rank) and keeps it: a node of another rank trains it zero-padded or as it is."""
@@ -214,6 +223,8 @@ class LTEStrategy(RoundLoop):
                 e = fleet[info.partition]
                 self.partitions.info[node] = dataclasses.replace(
                     info, heads=int(e.get("heads", 0)), rank=int(e.get("rank", 0)), memory_gb=float(e.get("memory-gb", 0)))
+                if why := self._check_node(self.partitions.info[node]):
+                    raise SpecError(f"run.fleet: {why}")
 
     def _declared(self, alive: set[int]) -> dict[int, int]:
         """node -> heads it can carry, for nodes that declared `memory-gb` but not `heads`

@@ -27,7 +27,7 @@ from lte_fed.rundir import RunDir, diverged, merged_nothing
 from lte_fed.spec import Spec
 from lte_fed.train import evaluate, headline, lr_at
 
-from .grid_utils import PartitionMap, Pending, send_and_receive, wait_for_nodes
+from .grid_utils import PartitionMap, Pending, send_and_receive, wait_for_capacity, wait_for_nodes
 
 log = logging.getLogger("lte_fed.server")
 
@@ -59,6 +59,9 @@ class RoundLoop(Strategy):
         pending = Pending()
         while self.round < num_rounds:
             rnd, t0 = self.round + 1, time.perf_counter()
+            if not grid.get_node_ids():  # every node gone at once (restarting): wait for one, as before
+                log.warning("round %d: no node is registered; waiting for one (up to %.0f s)", rnd, timeout)
+                wait_for_capacity(grid, self.partitions, 1, len, timeout)  # round 1, not burn the rounds
             self.busy = pending.wait_for_a_free_node(grid, s.run.round_timeout)
             self.heard_late(pending.take_late())
             self.partitions.discover(grid, timeout)  # nodes that (re)joined since

@@ -136,6 +136,7 @@ def test_a_nodes_threads_are_applied_and_bad_values_refused():
     ({"partition-id": 0, "memory-gb": "nan"}, "memory-gb='nan' is not a finite number"),
     ({"partition-id": 0, "memory-gb": "inf"}, "memory-gb='inf' is not a finite number"),
     ({"partition-id": 0, "rank": "1e400"}, "rank='1e400' is not a number"),
+    ({"partition-id": True}, "partition-id=True is not a number"),  # was read as 1
 ])
 def test_a_nodes_declared_capacity_is_refused_when_it_means_nothing(config, needle):
     from clients.client_app import ClientConfigError, node_capacity

@@ -219,3 +219,20 @@ def test_update_norm_matches_the_dense_product():
     dense = float((2.5 * (B.double() @ A.double() - VB.double() @ VA.double())).norm())
     assert abs(update_norm(B, A, VB, VA, 2.5) - dense) < 1e-9 * dense
     assert update_norm(torch.full((7, 3), 1e20), torch.full((3, 5), 1e20), None, None, 1.0) > 1e38
+
+
+def test_a_node_declaring_a_rank_no_layer_can_have_is_left_out_and_a_shared_partition_is_named(server, caplog):
+    """One node's `rank=100000000` made the ServerApp allocate that head's factors (9.6 GB) and
+    die, for the whole fleet; two nodes with one partition-id were accepted without a word."""
+    from lte_fed.placement import NodeInfo
+    from strategies.grid_utils import PartitionMap
+
+    top = max(min(w.shape) for w in server.W.values())
+    assert server._check_node(NodeInfo(7, 1, rank=top)) is None
+    assert f"declares rank {10**8}, above every LoRA layer's min(out, in) (at most {top})" in \
+        server._check_node(NodeInfo(7, 1, rank=10**8))
+    nodes = PartitionMap()
+    nodes.add(NodeInfo(7, 0))
+    with caplog.at_level(logging.WARNING, logger="strategies.grid_utils"):
+        nodes.add(NodeInfo(8, 0))
+    assert "node 8 declares partition-id 0, as node 7 did" in caplog.text

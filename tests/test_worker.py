@@ -439,6 +439,29 @@ def test_a_state_dir_that_cannot_be_a_folder_is_named(tmp_path):
         CA.StateFiles(Context(1, 1, {"state-dir": str(tmp_path / "a-file")}, RecordDict(), {}), spec(), "run1", "head-0")
 
 
+def test_what_someone_put_in_a_state_dir_breaks_no_save_and_the_shard_cache_only_costs_a_rebuild(tmp_path):
+    """A folder named like an old state file made every later save fail (its clean-up unlinked
+    it); a file named like the shard cache's folder failed every message; a save onto a folder
+    left its .tmp behind and did not say which file."""
+    from flwr.app import Context, RecordDict
+
+    import clients.client_app as CA
+
+    store = CA.StateFiles(Context(1, 1, {"state-dir": str(tmp_path)}, RecordDict(), {}), spec(), "run1", "head-1")
+    store._file(0).mkdir()  # named like round 0's state, which round 2's save removes
+    head, opt = {"a": torch.ones(2, 3)}, {"0.step": torch.tensor(1.0)}
+    store.save(head, opt, rnd=2, keep_from=2)
+    assert torch.equal(store.load(2)["head.a"], head["a"]) and store._file(0).is_dir()
+    store._file(3).mkdir()
+    with pytest.raises(OSError, match=r"head-1-r3.safetensors: cannot save this node's state there"):
+        store.save(head, opt, rnd=3, keep_from=2)
+    assert not store._file(3).with_suffix(".tmp").exists()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / W.SHARDS).write_text("not a folder")
+    job, _ = W.node_data(spec(), 1, tmp_path / "cache")  # built, not cached: the message goes on
+    assert len(job.data.train_y) > 0
+
+
 def test_a_node_whose_copy_of_the_data_is_not_the_servers_is_refused(tmp_path):
     """A node given another data-root (the same class folders, other labels) trained on it and
     was merged without a word; now its message fails, naming the cause."""
