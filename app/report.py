@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -71,7 +72,7 @@ class Run:
     def method(self) -> str:
         return str(self.config.get("method", ""))
 
-    @property
+    @functools.cached_property  # asked for every cell of the table: the rows are read once
     def is_text(self) -> bool:
         return "val_loss" in self.summary.get("final", {}) or any("val_loss" in r for r in self.rows)
 
