@@ -212,7 +212,10 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
                  for i in range(len(heads))]
 
     lr = lambda step: lr_at(step, spec.lr, spec.train.warmup, spec.train.steps)  # noqa: E731
-    pid = node_number(context.node_config, "partition-id")  # a value changed since the QUERY is named too
+    # what the node declares, in every reply: a node restarted with another node config since
+    # the server's QUERY (a value gone bad there is named too)
+    node = node_capacity(context.node_config)
+    pid = node["partition-id"]
     with watch("train"):
         t0 = time.perf_counter()
         losses = train_heads(model, opt, src, start, steps, lr=lr, clip=spec.train.clip, device=job.device,
@@ -235,7 +238,8 @@ def _train_lte(msg: Message, context: Context, spec_json: str, spec: Spec, confi
     for i, h in enumerate(heads):
         records[P.head_record(h)] = ArrayRecord(replies[i])
         records[P.metrics_record(h)] = MetricRecord({
-            "head": h, "partition": pid, "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
+            "head": h, "partition": pid, "node_heads": node["heads"], "node_rank": node["rank"],
+            "node_memory_gb": node["memory-gb"], "train_loss": sum(l[i] for l in losses) / len(losses), "steps": steps,
             "num-examples": steps * src.per_head_batch, **message_costs,
             **({P.STATE_LOST: 1} if lost[i] else {})})
     _keep_node_model(spec_json, ranks, job.device, model)

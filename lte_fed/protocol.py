@@ -21,8 +21,10 @@ Node -> server, one record pair per head (a bad head is refused alone):
                                 (comm.up=fp32), or the round's change packed as "delta" (fp16) or
                                 "q" + "scale" (int8), decoded against the server's copy of the
                                 head; the server unpacks with the layout it knows (uplink.py)
-    "metrics.<h>"  MetricRecord "head", "partition", "train_loss", "steps", "num-examples", and
-                                the node's per-message costs (lte_fed/costs.py)
+    "metrics.<h>"  MetricRecord "head", "partition", "train_loss", "steps", "num-examples", what
+                                the node declares now ("node_heads", "node_rank",
+                                "node_memory_gb": its node config, `declared`) and the node's
+                                per-message costs (lte_fed/costs.py)
 """
 
 from __future__ import annotations
@@ -37,6 +39,23 @@ BASE, REPLICAS, RESTORE, CONFIG, HEAD, METRICS, WEIGHTS = "base", "replicas", "r
 # A head's reply metric: 1 when the node could not use the state it had saved for the head (an
 # unreadable or foreign file) and trained it from the server's copy instead (why: the node's log).
 STATE_LOST = "state_lost"
+
+
+DECLARED = ("partition", "node_heads", "node_rank", "node_memory_gb")  # a reply's node declaration
+
+
+def declared(metrics) -> tuple[int, int, int, float] | None:
+    """(partition-id, heads, rank, memory-gb) a reply's metrics say its node declares, or None
+    where they do not say it, or not as whole numbers >= 0 (and a finite memory)."""
+    try:
+        values = [metrics[k] for k in DECLARED]
+    except Exception:  # noqa: BLE001 -- whatever a malformed reply holds there, it says nothing
+        return None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0 for v in values):
+        return None
+    if any(v != int(v) for v in values[:3]):
+        return None
+    return int(values[0]), int(values[1]), int(values[2]), float(values[3])
 
 
 def head_record(head: int) -> str:

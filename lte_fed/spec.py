@@ -482,6 +482,9 @@ def validate(s: Spec) -> Spec:
         _need(s.run.engine == "fused", "run.engine", "method=full trains the whole model in one process "
               "(run.engine=fused); full-model training on Flower is method=fedavg")
     _need(s.run.nodes >= 0, "run.nodes", f"must be an integer >= 0 (0: as many as run in parallel), got {s.run.nodes!r}")
+    if s.method == "fedavg":  # one worker per node
+        _need(s.run.nodes in (0, s.lte.heads), "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: "
+              "method=fedavg runs one worker on each node (run.nodes=0 or lte.heads)")
     if s.method == "lte":
         _need(s.run.nodes <= s.lte.heads, "run.nodes", f"{s.run.nodes} nodes for lte.heads={s.lte.heads}: every node "
               "trains at least one head")

@@ -166,6 +166,10 @@ class Pending:
             time.sleep(poll_interval(waited))
 
 
+def _declaration(info: NodeInfo) -> tuple[int, int, int, float]:
+    return info.partition, info.heads, info.rank, info.memory_gb
+
+
 class PartitionMap:
     """partition-id <-> node id, what each node declared it can carry, and the round's
     head -> node placement (lte_fed/placement.py)."""
@@ -181,31 +185,64 @@ class PartitionMap:
         """Ask every node not seen yet for its partition-id and capacity. A node that answers with
         an error (its node config is bad) or declares what `check` refuses is left out, said once
         in the log, and asked again after REASK_S (restarted with the same key, it has the same
-        node id)."""
-        now = time.monotonic()
-        new = [n for n in grid.get_node_ids() if n not in self.known and now - self.refused.get(n, (-REASK_S, ""))[0] >= REASK_S]
+        node id). A node that left and came back is asked again."""
+        now, ids = time.monotonic(), grid.get_node_ids()
+        # A node that dropped out is asked again when it is back: it may have restarted with
+        # another node config (one back within Flower's heartbeat window: its next reply, `redeclare`).
+        self.known &= set(ids)
+        new = [n for n in ids if n not in self.known and now - self.refused.get(n, (-REASK_S, ""))[0] >= REASK_S]
         if not new:
             return
         msgs = [Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type=MessageType.QUERY) for n in new]
         for reply in send_and_receive(grid, msgs, timeout):
             node = next(m.metadata.dst_node_id for m in msgs if m.metadata.message_id == reply.metadata.reply_to_message_id)
-            why = reply.error.reason if reply.has_error() else None
-            if why is None:
-                c = reply.content["config"]
-                info = NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
-                                float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0)))
-                why = self.check(info) if self.check else None
-            if why:
-                if self.refused.get(node, (0.0, ""))[1] != why:
-                    log.error("node %d is left out of the run: %s (asked again every %.0f s)", node, why, REASK_S)
-                self.refused[node] = (time.monotonic(), why)
+            if reply.has_error():
+                self._refuse(node, reply.error.reason)
                 continue
-            self.refused.pop(node, None)
-            self.add(info)
-            declared = ", ".join(f"{k} {v:g}" for k, v in (("heads", info.heads), ("rank", info.rank),
-                                                           ("memory", info.memory_gb)) if v) or "no capacity (it takes its share)"
-            log.info("node of partition %d: declares %s%s; the process that answered peaked at %.0f MiB",
-                     info.partition, declared, " GB" if info.memory_gb else "", info.idle_rss_mib)
+            c = reply.content["config"]
+            self.take(NodeInfo(node, int(c["partition-id"]), int(c.get("heads", 0)), int(c.get("rank", 0)),
+                               float(c.get("memory-gb", 0.0)), float(c.get("rss_peak_mib", 0.0))))
+
+    def take(self, info: NodeInfo) -> bool:
+        """Record what a node declares, unless `check` refuses it (then it is left out, and asked
+        again after REASK_S); whether it was taken. A change to what it declared before is a
+        warning: it restarted with another node config."""
+        if why := self.check(info) if self.check else None:
+            self._refuse(info.node, why)
+            return False
+        self.refused.pop(info.node, None)
+        before = self.info.get(info.node)
+        self.add(info)
+        declared = ", ".join(f"{k} {v:g}" for k, v in (("heads", info.heads), ("rank", info.rank),
+                                                       ("memory", info.memory_gb)) if v) or "no capacity (it takes its share)"
+        declared += " GB" if info.memory_gb else ""
+        if before is None:
+            log.info("node of partition %d: declares %s; the process that answered peaked at %.0f MiB",
+                     info.partition, declared, info.idle_rss_mib)
+        elif _declaration(before) != _declaration(info):
+            log.warning("node of partition %d now declares %s (it restarted with another node config): its "
+                        "placement follows from the next round", info.partition, declared)
+        return True
+
+    def redeclare(self, node: int, metrics) -> None:
+        """A TRAIN reply's metrics say what its node declares now (`P.declared`); a node restarted
+        with another node config between two QUERYs would otherwise keep its old declaration."""
+        now, old = P.declared(metrics), self.info.get(node)
+        if now is None or old is None or now == _declaration(old):
+            return
+        if not self.take(NodeInfo(node, *now, idle_rss_mib=old.idle_rss_mib)):
+            self.info.pop(node, None)  # left out: no head goes there until it is taken again
+            self.known.discard(node)
+
+    def ask_again(self, node: int) -> None:
+        """Ask `node` what it declares at the next `discover`: its message failed, perhaps for
+        what it declared (out of memory), and it may have restarted with less since."""
+        self.known.discard(node)
+
+    def _refuse(self, node: int, why: str) -> None:
+        if self.refused.get(node, (0.0, ""))[1] != why:
+            log.error("node %d is left out of the run: %s (asked again every %.0f s)", node, why, REASK_S)
+        self.refused[node] = (time.monotonic(), why)
 
     def add(self, info: NodeInfo) -> None:
         """Record a node's answer (`discover` does this for every new node)."""
@@ -214,6 +251,8 @@ class PartitionMap:
             log.warning("node %d declares partition-id %d, as node %d did: the placement and summary.json name nodes "
                         "by partition-id and cannot tell them apart; give each node its own", info.node,
                         info.partition, other)
+        for partition in [p for p, n in self.node_of.items() if n == info.node and p != info.partition]:
+            del self.node_of[partition]  # it declared another partition-id before
         self.node_of[info.partition] = info.node
         self.info[info.node] = info
         self.known.add(info.node)

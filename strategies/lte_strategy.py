@@ -38,7 +38,7 @@ from lte_fed.ledger import Guard, HeadLedger, RoundMerge
 from lte_fed.lora import head_scale
 from lte_fed.lte import HeadLTE, plan
 from lte_fed.outer import OuterOptimizer, outer_config
-from lte_fed.placement import by_node, steps_that_fit
+from lte_fed.placement import NodeInfo, by_node, steps_that_fit
 from lte_fed.rundir import RunDir, check_tensors_fit, checkpoint_meta, open_resume, restoring
 from lte_fed.spec import Spec, SpecError, parse_fleet
 from lte_fed.train import head_alignment, prefixed, unprefixed
@@ -77,6 +77,7 @@ class LTEStrategy(RoundLoop):
         self.placement: list[dict] = []  # this round's: [{"node": partition-id, "heads": [...], "ranks": [...]}]
         self.merged_now: list[int] = []  # the heads this round merged
         self._shape = None  # the model's shape for the memory estimate (memory-gb nodes), built once
+        self._too_small: set[int] = set()  # memory-gb nodes that hold no head (logged once)
         self.pace: dict[int, list[tuple[float, float]]] = {}  # node -> its last PACE_ANSWERS (s per step, s of the rest)
 
     def summary(self) -> None:
@@ -95,7 +96,7 @@ class LTEStrategy(RoundLoop):
         alive = self.free_nodes(grid)  # a busy node's heads go where there is room
         self._fleet()
         holders = {h: self.ledger[h].holder for h in range(self.cfg.heads)}
-        assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(alive))
+        assignment = self.partitions.assign(self.cfg.heads, alive, holders, self._declared(self.partitions.nodes(alive)))
         for h, node in assignment.items():
             self._settle_rank(h, self.partitions.info[node].rank or self.cfg.rank)
         heads = range(self.cfg.heads)
@@ -226,11 +227,11 @@ class LTEStrategy(RoundLoop):
                 if why := self._check_node(self.partitions.info[node]):
                     raise SpecError(f"run.fleet: {why}")
 
-    def _declared(self, alive: set[int]) -> dict[int, int]:
+    def _declared(self, infos: list[NodeInfo]) -> dict[int, int]:
         """node -> heads it can carry, for nodes that declared `memory-gb` but not `heads`
         (the memory estimate at the node's rank and the run's per-head batch)."""
         out = {}
-        for info in self.partitions.nodes(alive):
+        for info in infos:
             if info.heads or not info.memory_gb:
                 continue
             from lte_fed.memory import analyse, heads_that_fit
@@ -242,7 +243,8 @@ class LTEStrategy(RoundLoop):
             cfg = dataclasses.replace(self.cfg, rank=info.rank or self.cfg.rank)
             per_head_batch = self.spec.train.batch_size // self.cfg.heads
             out[info.node] = heads_that_fit(self._shape, cfg, per_head_batch, info.memory_gb * 2**30)
-            if not out[info.node]:
+            if not out[info.node] and info.node not in self._too_small:  # said once per node
+                self._too_small.add(info.node)
                 log.warning("node %d (partition %d): %.3g GB hold no head of rank %d", info.node, info.partition,
                             info.memory_gb, cfg.rank)
         return out
@@ -251,8 +253,13 @@ class LTEStrategy(RoundLoop):
         """run.nodes nodes if set, else until the nodes' capacity covers every head (a node that
         declares nothing counts for one head)."""
         nodes = self.spec.run.nodes or (len(parse_fleet(self.spec.run.fleet)) if self.spec.run.fleet else 0)
-        wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads,
-                          len if nodes else lambda infos: sum(i.heads or 1 for i in infos), timeout)
+        wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads, len if nodes else self.carried, timeout)
+
+    def carried(self, infos: list[NodeInfo]) -> int:
+        """Heads these nodes can carry: each its declared `heads`, else what its `memory-gb` holds
+        (the estimate; 0 where it holds none), else one."""
+        fit = self._declared(infos)
+        return sum(i.heads or fit.get(i.node, 1) for i in infos)
 
     def round_record(self) -> dict:
         """Which node (partition-id) trained which heads at which rank this round, and which
@@ -286,6 +293,8 @@ class LTEStrategy(RoundLoop):
                 self.bytes_up += reply_bytes(reply)
             answered.add(sent.metadata.message_id)
             error = reply.error.reason if reply.has_error() else None
+            if error is not None and not self.spec.run.fleet:  # out of memory, say: restarted with less since?
+                self.partitions.ask_again(sent.metadata.dst_node_id)
             for h in heads:  # each head is screened on its own: a bad one is refused alone
                 self._round.receive(h, None if error is not None else reply.content, error,
                                     arrays=P.head_record(h), metrics=P.metrics_record(h))
@@ -296,6 +305,10 @@ class LTEStrategy(RoundLoop):
                 self._note_pace(reply, self.arrived.get(reply.metadata.reply_to_message_id))
             if error is None and heads:  # one message, one cost: filed under its first head
                 self.costs[heads[0]] = worker_costs(reply, server_round, heads, record=P.metrics_record(heads[0]))
+                # its node restarted with another node config? (run.fleet, above too: simulated
+                # nodes, whose declarations are the fleet's, not their own, and which never restart)
+                if not self.spec.run.fleet and P.metrics_record(heads[0]) in reply.content:
+                    self.partitions.redeclare(sent.metadata.dst_node_id, reply.content[P.metrics_record(heads[0])])
         if self.spec.train.log_alignment and len(self._round.got) > 1 and \
                 len({self.rank_of(h) for h in self._round.got}) == 1:  # the measures compare heads of one rank
             self.alignment = self._alignment({h: s for h, (_, s, _) in self._round.got.items()})

@@ -38,11 +38,11 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     validate(spec)
     cpus, ray_cpus = ray_resources(spec)
     spec = absolute_paths(spec, out)
-    nodes = simulation_nodes(spec)
-    if spec.method != "fedavg":
-        if spec.run.resume and not spec.run.nodes:  # "as many as run in parallel" was worked out
-            nodes = _checkpoint_nodes(spec.run.resume) or nodes  # then: the same nodes again
-        spec.run.nodes = nodes  # the server waits for exactly these
+    nodes, resumed_count = simulation_nodes(spec), spec.run.resume and not spec.run.nodes
+    spec.run.nodes = nodes  # the server waits for exactly these; summary.json records them
+    if resumed_count and (recorded := _checkpoint_nodes(spec.run.resume)) is not None:
+        spec.run.nodes = recorded  # the count worked out for the run (FedAvg's before 2026-12: 0)
+        nodes = nodes if spec.method == "fedavg" else recorded or nodes  # FedAvg: one node per worker
     if spec.run.resume:  # what can be checked now, not after Flower has started
         precheck_resume(spec)
     rundir = RunDir(spec.run.out)

@@ -153,7 +153,7 @@ def test_fedavg_baseline_runs_through_flowers_fedavg(tmp_path):
     summary = run_flower(quick_spec("fedavg", "flower"), tmp_path)
     rows = RunDir(tmp_path).read_metrics()
     assert len(rows) == 2 and all(r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows)
-    assert summary["config"]["method"] == "fedavg"
+    assert summary["config"]["method"] == "fedavg" and summary["config"]["run"]["nodes"] == 2  # was 0
     assert [r["merged"] for r in rows] == [[0, 1]] * 2 and summary["merges_per_head"] == [2, 2]
     assert "warning" not in report(summary, tmp_path)
     assert summary["params"]["trainable"] == sum(t.numel() for t in model_of(tmp_path).values())

@@ -236,3 +236,45 @@ def test_a_node_declaring_a_rank_no_layer_can_have_is_left_out_and_a_shared_part
     with caplog.at_level(logging.WARNING, logger="strategies.grid_utils"):
         nodes.add(NodeInfo(8, 0))
     assert "node 8 declares partition-id 0, as node 7 did" in caplog.text
+
+
+def test_a_node_that_declares_memory_counts_for_the_heads_its_memory_holds(server):
+    """Before round 1 the server waits until the nodes carry every head: a `memory-gb` node
+    counted for one head whatever its memory held, so two nodes too small for any head started
+    the run, and every round merged nothing."""
+    from lte_fed.placement import NodeInfo
+
+    assert server.carried([NodeInfo(11, 0, memory_gb=1e-6), NodeInfo(12, 1, memory_gb=1e-6)]) == 0
+    assert server.carried([NodeInfo(13, 2, memory_gb=64.0)]) > HEADS  # a big node holds many small heads
+    assert server.carried([NodeInfo(14, 3), NodeInfo(15, 4, heads=3, memory_gb=1e-6)]) == 1 + 3  # heads wins
+
+
+def test_a_node_restarted_with_another_node_config_is_placed_by_what_its_replies_declare(server, caplog):
+    """A node restarted mid-run with the same key keeps its node id, and the server asked only
+    new ids: a node restarted with fewer heads (say after running out of memory) was sent its old
+    share every round. Each TRAIN reply now says what its node declares."""
+    from lte_fed.placement import NodeInfo
+    from strategies.grid_utils import PartitionMap
+
+    nodes = PartitionMap(check=server._check_node)
+    nodes.add(NodeInfo(7, 0, heads=3, idle_rss_mib=500.0))
+    said = lambda **m: MetricRecord({"partition": 0, "node_heads": 3, "node_rank": 0, "node_memory_gb": 0.0} | m)  # noqa: E731
+    nodes.redeclare(7, said())
+    assert nodes.info[7] == NodeInfo(7, 0, heads=3, idle_rss_mib=500.0)
+    with caplog.at_level(logging.WARNING, logger="lte_fed.server"):
+        nodes.redeclare(7, said(node_heads=1, node_memory_gb=7.5))
+    assert nodes.info[7] == NodeInfo(7, 0, heads=1, memory_gb=7.5, idle_rss_mib=500.0)
+    assert "node of partition 0 now declares heads 1, memory 7.5 GB" in caplog.text
+    nodes.redeclare(7, said(partition=2, node_heads=1, node_memory_gb=7.5))  # another partition-id
+    assert nodes.node_of == {2: 7}
+    for bad in (said(node_heads=-1), said(node_rank=1.5), said(node_heads=float("nan")), said(node_heads=[1, 2]),
+                MetricRecord({"partition": 0}), ConfigRecord({"partition": 2, "node_heads": True, "node_rank": 0,
+                                                                "node_memory_gb": 0.0})):
+        nodes.redeclare(7, bad)  # what is not a declaration changes nothing
+        assert nodes.info[7].heads == 1 and nodes.info[7].partition == 2
+    with caplog.at_level(logging.ERROR, logger="strategies.grid_utils"):
+        nodes.redeclare(7, said(partition=2, node_rank=10**8))  # no layer has that rank: left out
+    assert 7 not in nodes.info and "node 7 is left out of the run" in caplog.text
+    nodes.add(NodeInfo(8, 1))
+    nodes.ask_again(8)  # its message failed: the next discover asks it what it declares now
+    assert 8 not in nodes.known and nodes.info[8] == NodeInfo(8, 1)

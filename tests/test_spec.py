@@ -107,6 +107,7 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"method": "full", "run": {"engine": "flower"}}, "run.engine: method=full trains the whole model in one process"),
     ({"method": "mhlora", "run": {"engine": "flower"}}, "run.engine: method=mhlora"),
     ({"method": "fedavg", "run": {"engine": "fused"}}, "run.engine: method=fedavg"),
+    ({"method": "fedavg", "run": {"engine": "flower", "nodes": 3}}, "run.nodes: 3 nodes for lte.heads=2: method=fedavg"),
     # keys the model would ignore
     ({"model": {"block_size": 16}}, "model.block_size: only language models"),
     ({"model": {"name": "gpt_tiny", "img_size": 32}, "data": {"name": "shakespeare", "partition": "contiguous"}}, "model.img_size: a language model"),

@@ -474,3 +474,31 @@ def test_a_node_whose_copy_of_the_data_is_not_the_servers_is_refused(tmp_path):
     other = W.node_data(spec(data={"synthetic_size": 97}), 1, tmp_path)[0]
     with pytest.raises(ClientConfigError, match="this node's data differs from the server's"):
         _same_data({"data_id": server.data_id}, other)
+
+
+def test_a_node_restarted_declaring_fewer_heads_gets_fewer_from_its_next_reply_on(tmp_path):
+    """Node 1 answers round 1, restarts (same key, same node id) with node config heads=1: the
+    server had no reason to ask it again, and sent it its old share every round. Its reply to
+    round 2 says so now, and round 3 places by it."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    import clients.client_app as CA
+
+    s = spec(lte={"heads": 4, "merge_every": 2}, train={"batch_size": 8, "steps": 6},
+             run={"engine": "flower", "out": str(tmp_path / "run")})
+    grid = _TwoNodes(s, tmp_path)
+    shares = []
+    for rnd in (1, 2, 3):
+        replies = []
+        for i, msg in enumerate(grid.strategy.configure_train(rnd, None, ConfigRecord(), grid)):
+            msg.metadata.__dict__["_message_id"] = f"down-{rnd}-{i}"
+            reply = CA.train(msg, grid.contexts[msg.metadata.dst_node_id])
+            reply.metadata.__dict__["_message_id"] = f"up-{rnd}-{i}"
+            replies.append(reply)
+        if rnd == 1:  # node 1 restarts between its answer to round 1 and round 2's message
+            grid.contexts[101] = Context(1, 101, {"partition-id": 1, "heads": 1}, RecordDict(), {})
+        assert grid.strategy.aggregate_train(rnd, replies)[1]["merged_heads"] == 4
+        shares.append({p["node"]: len(p["heads"]) for p in grid.strategy.placement})
+    CA._KEPT.clear()
+    assert shares[:2] == [{0: 2, 1: 2}] * 2, shares  # as first declared (nothing: an even share)
+    assert shares[2] == {0: 3, 1: 1}, shares  # node 1's reply to round 2 declared heads=1
