@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from lte_fed.rundir import RunDir, RunDirTaken, claimed
-from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, SpecError, did_you_mean, register_with_hydra, user_errors
+from lte_fed.spec import ERROR_PREFIX, DataSpec, Spec, SpecError, config_keys, did_you_mean, register_with_hydra, user_errors
 
 register_with_hydra()  # before @hydra.main composes on it
 
@@ -197,6 +197,9 @@ def _record_failure(out: str, err: BaseException) -> None:
         pass
 
 
+PRESET_GROUPS = ("model", "data", "experiment", "ablation")  # conf/'s folders: `model=vit_small`, ...
+
+
 def main() -> None:
     """Hydra's own errors (an unknown key or preset, an override it cannot parse) end, like ours,
     in one line and exit 2; HYDRA_FULL_ERROR=1 keeps Hydra's full report."""
@@ -208,6 +211,14 @@ def main() -> None:
         if asked == "1":
             raise
         print(f"{ERROR_PREFIX}{hydra_error(e)}", file=sys.stderr)
+        sys.exit(2)
+    except ValueError as e:  # Hydra's, for a preset group set to null (model=null): not a HydraException
+        if asked == "1" or "Config group override" not in str(e):
+            raise
+        nulls = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("+~") in PRESET_GROUPS and
+                 a.split("=", 1)[-1].lower() in ("null", "none", "~", "")]
+        print(f"{ERROR_PREFIX}{' '.join(nulls) or 'a preset group'}: a preset group ({', '.join(PRESET_GROUPS)}) "
+              "takes a preset's name, not null", file=sys.stderr)
         sys.exit(2)
     finally:
         if asked is None:
@@ -225,6 +236,9 @@ def hydra_error(e: BaseException) -> str:
     cause = e.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and "not in struct" in str(cause):
         key = str(getattr(cause, "full_key", "") or "")
+        if key in config_keys():  # its group was set to null first (quant=null quant.base=nf4)
+            group = key.split(".")[0]
+            return f"{key}: its group is null here ({group}=null): a group of keys is not a value"
         return f"{key}: no such config key{did_you_mean(key)}"
     lines = [ln.strip() for ln in str(e).splitlines()]
     if "Config search path:" in lines:  # the search path is Hydra's detail, not the user's

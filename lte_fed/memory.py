@@ -48,6 +48,9 @@ Linear inputs 1+1+1+4, attention q/k/v/out 4, GELU input 4); the LoRA path adds 
 `V_A x` for exact) of width r per Linear. The constant is that count, not a fit; the probe
 (ViT-B/32, 224 px, CPU) measured what it predicts (see ACT_FLOATS_PER_TOKEN). Attention scores are not counted: the
 fused SDPA kernels (CPU flash, CUDA flash/efficient) never store the tokens² matrix.
+A language model adds its logits: batch · tokens · vocabulary · LOGIT_FLOATS · 4 bytes (what
+cross-entropy saves, its log-softmax, and the logits' gradient at the start of backward; counted,
+not measured).
 
 Nothing on a client depends on the number of heads N: a client holds one head.
 """
@@ -74,6 +77,7 @@ FP32 = 4
 # resident terms came out at 18.0 (full) and 17.5 (LTE client) floats per token·width·block;
 # the little left over is transient buffers the count of saved tensors does not include.
 ACT_FLOATS_PER_TOKEN = 17.0
+LOGIT_FLOATS = 2.0  # a language model's, per token and vocabulary entry (docstring)
 
 # Generic family ladders (width, depth, attention heads) for `largest_fitting`; sizes past the
 # registered ones follow the ViT paper (L, H) and are built directly with timm's class.
@@ -99,24 +103,33 @@ class ModelShape:
     tokens: int  # tokens per sample the blocks see
     width: int
     depth: int
+    vocab: int = 0  # a language model's logits per token (0: an image model)
 
 
-def _build_meta(name: str, img_size: int, num_classes: int, patch_size: int | None) -> nn.Module:
-    """The plain model on the meta device: shapes only, no memory, no init cost."""
-    from .models import build_model, list_models
+def _build_meta(name: str, img_size: int, num_classes: int, patch_size: int | None, in_chans: int = 3) -> nn.Module:
+    """The plain model on the meta device: shapes only, no memory, no init cost. A language
+    model's `img_size` is its block size (0: its own) and `num_classes` its vocabulary."""
+    from .models import build_lm, build_model, is_language_model, list_models
 
+    if is_language_model(name):
+        return build_lm(name, vocab_size=num_classes, block_size=img_size or None)
     if name in VIT_SIZES and name not in list_models():
         from timm.models.vision_transformer import VisionTransformer
 
+        from .models import check_patches
+
+        check_patches(img_size, patch_size or 32)
         width, depth, heads = VIT_SIZES[name]
-        return VisionTransformer(img_size=img_size, patch_size=patch_size or 32, in_chans=3,
+        return VisionTransformer(img_size=img_size, patch_size=patch_size or 32, in_chans=in_chans,
                                  num_classes=num_classes, embed_dim=width, depth=depth, num_heads=heads,
                                  class_token=True, global_pool="token")
-    return build_model(name, num_classes=num_classes, img_size=img_size, in_chans=3, patch_size=patch_size)
+    return build_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
 
 
 def _geometry(model: nn.Module) -> tuple[int, int, int]:
     """(tokens, width, depth) of the residual stream, read off the known architectures."""
+    if hasattr(model, "wte") and hasattr(model, "cfg"):  # lte_fed.gpt: a window of block_size tokens
+        return model.cfg.block_size, model.cfg.n_embd, model.cfg.n_layer
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm ViT
         return model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim, len(model.blocks)
     if hasattr(model, "blocks") and hasattr(model, "stem"):  # timm Mixer
@@ -129,8 +142,9 @@ def _geometry(model: nn.Module) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=64)  # shapes only, immutable: safe to share
 def analyse(name: str, img_size: int = 224, num_classes: int = 100, patch_size: int | None = None,
-            keep_norm_affine: bool = False) -> ModelShape:
-    """Build `name` on the meta device and read off every size the estimate uses.
+            keep_norm_affine: bool = False, in_chans: int = 3) -> ModelShape:
+    """Build `name` on the meta device and read off every size the estimate uses. A language
+    model's `img_size` is its block size (0: the model's own) and `num_classes` its vocabulary.
 
     Uses `lte.plan` (the same surgery a worker does) so LoRA layers and replicas are exactly
     those of `HeadLTE`.
@@ -138,13 +152,24 @@ def analyse(name: str, img_size: int = 224, num_classes: int = 100, patch_size: 
     from .lte import plan
 
     with torch.device("meta"):
-        model = _build_meta(name, img_size, num_classes, patch_size)
+        model = _build_meta(name, img_size, num_classes, patch_size, in_chans)
         full = sum(p.numel() for p in model.parameters())
         tokens, width, depth = _geometry(model)
         p = plan(model, keep_norm_affine)
     linears = tuple(tuple(model.get_submodule(n).weight.shape) for n in p.lora)
     replicas = sum(math.prod(s) for s in p.replicas.values())
-    return ModelShape(name, linears, replicas, full, tokens, width, depth)
+    vocab = model.cfg.vocab_size if hasattr(model, "wte") and hasattr(model, "cfg") else 0
+    return ModelShape(name, linears, replicas, full, tokens, width, depth, vocab)
+
+
+def job_shape(job, keep_norm_affine: bool = False) -> ModelShape:
+    """`analyse` for the model a job trains (lte_fed.job.Job): its data's classes and channels,
+    or its vocabulary and block size."""
+    s = job.spec
+    if job.is_text:
+        return analyse(s.model.name, s.model.block_size or 0, job.data.vocab_size, None, keep_norm_affine)
+    return analyse(s.model.name, job.img_size, job.data.num_classes, s.model.patch_size, keep_norm_affine,
+                   job.data.in_chans)
 
 
 def base_bytes(m: int, n: int, fmt: str) -> int:
@@ -164,7 +189,8 @@ def activation_bytes(shape: ModelShape, batch: int, lora_rank: int = 0, lora_sav
     """Saved-activation estimate (module docstring): the block term plus the LoRA path's."""
     block = batch * shape.tokens * shape.width * shape.depth * ACT_FLOATS_PER_TOKEN * FP32
     lora = batch * shape.tokens * lora_rank * len(shape.linears) * lora_saves * FP32
-    return int(block + lora)
+    logits = batch * shape.tokens * shape.vocab * LOGIT_FLOATS * FP32
+    return int(block + lora + logits)
 
 
 def _peak(terms: dict[str, int]) -> int:
@@ -225,15 +251,15 @@ def estimate_full(shape: ModelShape, batch: int) -> dict[str, int]:
     return out
 
 
-def largest_fitting(family: str, device_bytes: int, cfg: "LTEConfig", batch: int,
-                    img_size: int = 224, patch_size: int | None = None) -> dict[str, str | None]:
+def largest_fitting(family: str, device_bytes: int, cfg: "LTEConfig", batch: int, img_size: int = 224,
+                    patch_size: int | None = None, num_classes: int = 100, in_chans: int = 3) -> dict[str, str | None]:
     """The largest model of `family` (smallest to largest in FAMILIES) whose estimate fits in
     `device_bytes`, for an LTE client and for full training; None where none fits."""
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} is unknown; available: {', '.join(FAMILIES)}")
     best: dict[str, str | None] = {"lte": None, "full": None}
     for name in FAMILIES[family]:
-        shape = analyse(name, img_size, patch_size=patch_size, keep_norm_affine=cfg.keep_norm_affine)
+        shape = analyse(name, img_size, num_classes, patch_size, cfg.keep_norm_affine, in_chans)
         if estimate_lte(shape, cfg, batch)["total"] <= device_bytes:
             best["lte"] = name
         if estimate_full(shape, batch)["total"] <= device_bytes:

@@ -55,14 +55,20 @@ def build_model(name: str, *, num_classes: int, img_size: int, in_chans: int, pa
     default_patch = getattr(_REGISTRY[name], "default_patch", None)
     if patch_size is not None and default_patch is None:
         raise SpecError(f"model.patch_size: {name!r} does not cut images into patches; leave model.patch_size null")
-    patch = patch_size or default_patch
-    if patch is not None and img_size % patch:
-        why = f"is {patch} (the model's default)" if patch_size is None else f"is {patch}"
-        raise SpecError(f"model.img_size: {img_size} px is not divisible by the patch size, which {why}; "
-                        "set model.img_size or model.patch_size")
+    if patch_size or default_patch:
+        check_patches(img_size, patch_size or default_patch, default=patch_size is None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(rng.derive_seed(seed, rng.MODEL))
         return _REGISTRY[name](num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
+
+
+def check_patches(img_size: int, patch: int, default: bool = False) -> None:
+    """SpecError unless `img_size` px cut into whole patches of `patch` px (`default`: the
+    model's own patch size, not one given)."""
+    if img_size % patch:
+        why = f"is {patch} (the model's default)" if default else f"is {patch}"
+        raise SpecError(f"model.img_size: {img_size} px is not divisible by the patch size, which {why}; "
+                        "set model.img_size or model.patch_size")
 
 
 # ---------------------------------------------------------------------------------- timm ViT

@@ -248,6 +248,9 @@ def did_you_mean(key: str) -> str:
 
 
 def _build(kind, d: dict[str, Any] | None, prefix: str):
+    if d is None and prefix:  # `lte=null` would quietly put every lte.* key back at its default
+        raise SpecError(f"{prefix.rstrip('.')}: a group of keys ({', '.join(config_keys(kind, prefix)[:3])}, ...), "
+                        "not null")
     if d is not None and not isinstance(d, dict):
         raise SpecError(f"{prefix.rstrip('.') or 'the config'}: a group of keys ({', '.join(config_keys(kind, prefix)[:3])}, ...), "
                         f"not a value: got {d!r}")

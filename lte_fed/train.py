@@ -59,14 +59,22 @@ def clip_per_head(params: list[torch.Tensor], max_norm: float, heads: int) -> to
     Returns the heads' norms before clipping, shape (N,).
     """
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch.zeros(heads, device=grads[0].device)
-    for g in grads:
-        norms += g.detach().float().reshape(heads, -1).pow(2).sum(1)
+    norms = _squared_norms(grads, heads, torch.float32)
+    if not torch.isfinite(norms).all():  # a square past fp32's range (gradients ~1e19, a huge
+        norms = _squared_norms(grads, heads, torch.float64)  # lte.alpha): clipping by inf zeroed them
     norms = norms.sqrt()
     if max_norm > 0:
         factor = (max_norm / (norms + 1e-6)).clamp(max=1.0)
         for g in grads:
             g.mul_(factor.view(-1, *[1] * (g.ndim - 1)).to(g.dtype))
+    return norms
+
+
+def _squared_norms(grads: list[torch.Tensor], heads: int, dtype: torch.dtype) -> torch.Tensor:
+    """Each head's squared gradient norm (N,), summed in `dtype`."""
+    norms = torch.zeros(heads, device=grads[0].device, dtype=dtype)
+    for g in grads:
+        norms += g.detach().to(dtype).reshape(heads, -1).pow(2).sum(1)
     return norms
 
 

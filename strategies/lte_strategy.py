@@ -234,12 +234,10 @@ class LTEStrategy(RoundLoop):
         for info in infos:
             if info.heads or not info.memory_gb:
                 continue
-            from lte_fed.memory import analyse, heads_that_fit
+            from lte_fed.memory import heads_that_fit, job_shape
 
             if self._shape is None:
-                s, d = self.spec, self.job
-                self._shape = analyse(s.model.name, d.img_size, d.data.num_classes, s.model.patch_size,
-                                      self.cfg.keep_norm_affine)
+                self._shape = job_shape(self.job, self.cfg.keep_norm_affine)
             cfg = dataclasses.replace(self.cfg, rank=info.rank or self.cfg.rank)
             per_head_batch = self.spec.train.batch_size // self.cfg.heads
             out[info.node] = heads_that_fit(self._shape, cfg, per_head_batch, info.memory_gb * 2**30)

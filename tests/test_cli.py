@@ -63,13 +63,19 @@ def test_bad_input_ends_in_one_clear_line(tmp_path, arg, key):
     ("data.root", "Error parsing override 'data.root'"),
     ("run.resume=my runs/ünï", "quote a value with spaces, brackets or non-ASCII letters"),
     ("lte=3", "lte: a group of keys"),
+    # a group set to null put its keys back at their defaults, without a word; a preset set to
+    # null was Hydra's traceback
+    (("lte.merge_every=2", "lte=null"), "lte: a group of keys (lte.heads, lte.rank, lte.alpha, ...), not null"),
+    (("quant=null", "quant.base=nf4"), "quant.base: its group is null here (quant=null)"),
+    ("data=null", "data=null: a preset group (model, data, experiment, ablation) takes a preset's name"),
 ])
 def test_a_config_hydra_cannot_compose_ends_in_one_clear_line(tmp_path, arg, says):
-    r = lte_fed(arg, "run.engine=fused", f"run.out={tmp_path / 'x'}", cwd=tmp_path)
+    args = (arg,) if isinstance(arg, str) else arg
+    r = lte_fed(*args, "run.engine=fused", f"run.out={tmp_path / 'x'}", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     line = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(line) == 1 and line[0].startswith("lte-fed: error: ") and says in line[0], r.stderr[-2000:]
-    if arg.startswith("model="):
+    if args[0].startswith("model="):
         assert "vit_small" in line[0] and "Config search path" not in line[0]
 
 

@@ -114,3 +114,16 @@ def test_per_head_clip_is_per_head():
     assert torch.allclose(norms, torch.tensor([5.0, 0.5]))
     assert torch.allclose(p.grad[0].norm(), torch.tensor(1.0), atol=1e-5)  # clipped
     assert torch.equal(p.grad[1], g[1])  # untouched
+
+
+def test_a_gradient_whose_square_overflows_fp32_is_clipped_not_zeroed():
+    """Gradients ~1e20 (a huge lte.alpha) square past fp32's range: the norm was inf, the clip
+    factor 0, and training stopped without a word while the run reported its loss."""
+    from lte_fed.train import clip_per_head
+
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    p.grad = torch.tensor([[3e20, 4e20], [0.3, 0.4]])
+    norms = clip_per_head([p], 1.0, heads=2)
+    assert torch.allclose(norms.double(), torch.tensor([5e20, 0.5], dtype=torch.float64))
+    assert torch.allclose(p.grad[0], torch.tensor([0.6, 0.8]))  # clipped to norm 1, not to 0
+    assert torch.equal(p.grad[1], torch.tensor([0.3, 0.4]))

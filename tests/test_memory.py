@@ -111,7 +111,13 @@ def test_cli_prints_table():
     (["--device-gb", "nan"], "--device-gb"),
     (["--quant", "q3"], "quant"),
     (["--rank", "abc"], "invalid int"),
-    (["--model", "gpt_tiny"], "image models only"),
+    (["--model", "gpt_tiny", "--img-size", "32"], "--img-size means nothing for 'gpt_tiny', a language model"),
+    (["--model", "vit_base", "--vocab", "50257"], "--vocab means nothing for 'vit_base', an image model"),
+    (["--model", "gpt_tiny", "--block-size", "0"], "--block-size"),
+    (["--classes", "0"], "--classes"),
+    # the ladder's sizes past the registered ones are timm's class, built directly: it rounded down
+    (["--model", "vit_large", "--img-size", "225"], "not divisible by the patch size"),
+    (["--model", "vit_huge", "--patch-size", "3"], "not divisible by the patch size"),
     (["--patch-size", "0"], "--patch-size"),
     (["--model", "mixer_tiny", "--img-size", "8"], "not divisible by the patch size"),
 ])
@@ -158,3 +164,26 @@ def test_cli_takes_the_patch_size(capsys):
 
     assert main(["--model", "mixer_tiny", "--img-size", "8", "--patch-size", "4"]) == 0
     assert "4 tokens" in capsys.readouterr().out
+
+
+def test_a_language_model_is_estimated_with_its_logits_and_a_text_job_with_its_own_vocabulary(tmp_path):
+    """`memory-gb` nodes on a language-model run: the server's estimate raised "needs text data"
+    (it built the model as an image model), and the ServerApp died."""
+    from lte_fed.job import setup
+    from lte_fed.lte import LTEConfig
+    from lte_fed.memory import activation_bytes, estimate_lte, heads_that_fit, job_shape
+
+    from .test_language import text_spec, write_corpus
+
+    shape = analyse("gpt_tiny", 64, 65)
+    assert (shape.tokens, shape.vocab) == (64, 65)
+    wide = analyse("gpt_tiny", 64, 50257)
+    assert activation_bytes(wide, 2) - activation_bytes(shape, 2) == 2 * 64 * (50257 - 65) * 2 * 4  # 2 floats each
+    job = setup(text_spec(write_corpus(tmp_path / "text")))
+    shape = job_shape(job)
+    assert (shape.tokens, shape.vocab) == (16, job.data.vocab_size)
+    cfg = LTEConfig(heads=2, rank=4, quant="nf4")
+    one = estimate_lte(shape, cfg, 8)["total"]
+    assert heads_that_fit(shape, cfg, 8, one) == 1 and heads_that_fit(shape, cfg, 8, one / 2) == 0
+    r = _cli("--model", "gpt_tiny", "--vocab", "65", "--block-size", "64")
+    assert r.returncode == 0 and "gpt_tiny:" in r.stdout and "64 tokens" in r.stdout and "vocabulary 65" in r.stdout
