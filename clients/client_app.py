@@ -134,6 +134,8 @@ def use_mmap_threshold(node_config) -> bool:
     fragment the heap (lte_fed/costs.py `pin_mmap_threshold`); whether it was applied."""
     # 32: glibc's own ceiling for the threshold on 64-bit
     mib = node_number(node_config, "mmap-threshold-mib", float, MMAP_THRESHOLD_MIB, most=32)
+    if 0 < mib < 1 / 16:  # every block above a few bytes its own mmap: each allocation a system call
+        raise ClientConfigError(f"node config mmap-threshold-mib={mib!r} must be 0 (glibc's own) or in [0.0625, 32]")
     return bool(mib) and costs.pin_mmap_threshold(int(mib * 2**20))
 
 

@@ -156,7 +156,7 @@ def test_a_nodes_mmap_threshold_is_pinned_and_bad_values_refused():
     assert use_mmap_threshold({}) is glibc  # the default, 8 MiB
     assert use_mmap_threshold({"mmap-threshold-mib": "0.5"}) is glibc
     assert use_mmap_threshold({"mmap-threshold-mib": 0}) is False  # glibc's own moving threshold
-    for bad in ("big", -1, 33):
+    for bad in ("big", -1, 33, 0.0001):  # 0.0001 MiB: every allocation over 104 bytes its own mmap
         with pytest.raises(ClientConfigError, match="mmap-threshold-mib"):
             use_mmap_threshold({"mmap-threshold-mib": bad})
     use_mmap_threshold({})
