@@ -262,6 +262,8 @@ def _build(kind, d: dict[str, Any] | None, prefix: str):
         v = d.pop(f.name)
         kwargs[f.name] = _build(f.default_factory, v, f"{f.name}.") if dataclasses.is_dataclass(f.default_factory) else v
     d.pop("hydra", None)
+    if not prefix:  # summary.json's config: what the run resolved its defaults to, beside the keys
+        d.pop("resolved", None)
     if d:
         raise SpecError(f"unknown config key(s): {', '.join(prefix + k + did_you_mean(prefix + k) for k in d)}")
     return kind(**kwargs)

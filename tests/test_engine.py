@@ -12,7 +12,7 @@ import torch
 from lte_fed.engine import FusedRun, run_fused
 from lte_fed.models import build_model
 from lte_fed.rundir import METRIC_FIELDS, RunDir
-from lte_fed.spec import SpecError, validate
+from lte_fed.spec import Spec, SpecError, validate
 
 from .helpers import max_abs_diff, model_of, quick_spec
 
@@ -36,6 +36,7 @@ def test_each_method_writes_the_run_directory(tmp_path, method):
     assert summary["config"]["resolved"]["heads"] == (1 if method in ("lora", "lora_merge", "full") else 2)
     assert summary["config"]["resolved"]["variant"] == ("reset" if method == "lora_merge" else spec.lte.variant)
     assert summary["config"]["method"] == method and summary["final"]["test_acc"] == rows[-1]["test_acc"]
+    assert Spec.from_dict(summary["config"]) == spec  # a run's config reads back as its spec
     assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary, default=str))
     assert (tmp_path / "checkpoint.safetensors").exists()
     # the exported model is the plain architecture: it loads strictly into a fresh build
