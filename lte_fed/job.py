@@ -135,7 +135,8 @@ def load_job_data(spec: Spec) -> D.ImageData | T.TextData:
 def progress(job: Job, step: int, skipped: int = 0) -> dict[str, int]:
     """How far a run is after `step` steps, for its metrics rows: samples (and, for language
     models, tokens) seen by all heads together; `skipped` samples were never trained (the steps
-    a node paced under a deadline was not sent, run.deadline_steps=fit)."""
+    a node paced under a deadline was not sent, run.deadline_steps=fit, and the rounds of a head
+    that waited for room on a node)."""
     row = {"step": step, "samples": step * job.spec.train.batch_size - skipped}
     if job.is_text:
         row["tokens"] = row["samples"] * job.data.block_size

@@ -500,6 +500,17 @@ def validate(s: Spec) -> Spec:
             raise SpecError(f"run.fleet: {e}") from None
         _need(not s.run.nodes or len(entries) == s.run.nodes, "run.fleet",
               f"has {len(entries)} node(s) but run.nodes={s.run.nodes}")
+        _need(len(entries) <= s.heads, "run.fleet", f"has {len(entries)} nodes for {s.heads} head(s): every node "
+              "trains at least one head")
+        # a simulated fleet never grows: heads it cannot hold would wait every round, untrained
+        # (an entry that declares neither heads nor memory takes any share; memory: the server checks)
+        if all("heads" in e and "memory-gb" not in e for e in entries):
+            held = sum(int(e["heads"]) for e in entries)
+            _need(held >= s.heads, "run.fleet", f"its nodes declare {held} head(s) of {s.heads}: the others would "
+                  "never train; declare more, or leave a node's heads undeclared (it takes its share)")
+    if s.run.engine == "flower":
+        _need(s.run.min_heads <= s.heads, "run.min_heads", f"{s.run.min_heads} is more than the run's {s.heads} "
+              "head(s): no round could merge")
     _need(s.run.partial_merge in ("arrived", "all"), "run.partial_merge",
           f"{s.run.partial_merge!r} is not arrived or all")
     _need(s.run.deadline_steps in ("fixed", "fit"), "run.deadline_steps",

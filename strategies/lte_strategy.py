@@ -109,6 +109,7 @@ class LTEStrategy(RoundLoop):
         node_steps = {node: self._steps_for(node, steps) for node in placed}
         per_head_batch = s.train.batch_size // self.cfg.heads
         self.skipped_samples += sum((steps - node_steps[n]) * per_head_batch * len(hs) for n, hs in placed.items())
+        self.skipped_samples += (self.cfg.heads - len(assignment)) * steps * per_head_batch  # heads that wait
         msgs = [self._train_message(server_round, node, heads, base, replicas, spec_json, start, node_steps[node])
                 for node, heads in placed.items()]
         for head in sorted(set(range(self.cfg.heads)) - set(self._round.sent)):
@@ -203,7 +204,7 @@ class LTEStrategy(RoundLoop):
         top = max(min(w.shape) for w in self.W.values())
         if info.rank > top:
             return (f"partition {info.partition} declares rank {info.rank}, above every LoRA layer's min(out, in) "
-                    f"(at most {top}): restart it with node config rank <= {top}")
+                    f"(at most {top}): declare rank <= {top} (node config rank, or its run.fleet entry)")
         return None
 
     def _settle_rank(self, head: int, rank: int) -> None:
@@ -252,6 +253,12 @@ class LTEStrategy(RoundLoop):
         declares nothing counts for one head)."""
         nodes = self.spec.run.nodes or (len(parse_fleet(self.spec.run.fleet)) if self.spec.run.fleet else 0)
         wait_for_capacity(grid, self.partitions, nodes or self.cfg.heads, len if nodes else self.carried, timeout)
+        if self.spec.run.fleet:  # simulated: the fleet is all there will be
+            self._fleet()
+            fleet = self.partitions.nodes(set(grid.get_node_ids()))
+            if all(i.heads or i.memory_gb for i in fleet) and (held := self.carried(fleet)) < self.cfg.heads:
+                raise SpecError(f"run.fleet: its nodes hold {held} head(s) of {self.cfg.heads} (memory-gb by the "
+                                "estimate, lte_fed/memory.py): the others would never train")
 
     def carried(self, infos: list[NodeInfo]) -> int:
         """Heads these nodes can carry: each its declared `heads`, else what its `memory-gb` holds

@@ -38,7 +38,7 @@ class RoundLoop(Strategy):
 
     spec: Spec
     busy: set[int] = frozenset()  # nodes still on an earlier round's message (set each round)
-    skipped_samples: int = 0  # samples of the steps not sent to paced nodes (LTEStrategy), so far
+    skipped_samples: int = 0  # samples of the steps not sent (paced nodes, waiting heads: LTEStrategy), so far
     arrived: dict[str, float] = {}  # this round's: message id -> seconds from the push to its reply
     first_round: int = 1  # this server's first round (it includes every node's start-up)
     job: Job

@@ -108,6 +108,11 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"method": "mhlora", "run": {"engine": "flower"}}, "run.engine: method=mhlora"),
     ({"method": "fedavg", "run": {"engine": "fused"}}, "run.engine: method=fedavg"),
     ({"method": "fedavg", "run": {"engine": "flower", "nodes": 3}}, "run.nodes: 3 nodes for lte.heads=2: method=fedavg"),
+    # a simulated fleet that cannot hold every head, or has more nodes than heads, failed after
+    # Flower's start-up (or trained half the heads, exit 0); min_heads above the heads, after training
+    ({"run": {"engine": "flower", "fleet": "heads=1;heads=1"}, "lte": {"heads": 4}}, "run.fleet: its nodes declare 2 head"),
+    ({"run": {"engine": "flower", "fleet": "rank=4;rank=4;rank=4"}}, "run.fleet: has 3 nodes for 2 head"),
+    ({"run": {"engine": "flower", "min_heads": 3}}, "run.min_heads: 3 is more than the run.s 2 head"),
     # keys the model would ignore
     ({"model": {"block_size": 16}}, "model.block_size: only language models"),
     ({"model": {"name": "gpt_tiny", "img_size": 32}, "data": {"name": "shakespeare", "partition": "contiguous"}}, "model.img_size: a language model"),

@@ -11,7 +11,7 @@ from lte_fed import costs
 from lte_fed import worker as W
 from lte_fed.job import batch_source, lte_config, setup
 from lte_fed.lte import HeadLTE
-from lte_fed.spec import Spec
+from lte_fed.spec import Spec, SpecError
 
 
 def spec(**over) -> Spec:
@@ -502,3 +502,27 @@ def test_a_node_restarted_declaring_fewer_heads_gets_fewer_from_its_next_reply_o
     CA._KEPT.clear()
     assert shares[:2] == [{0: 2, 1: 2}] * 2, shares  # as first declared (nothing: an even share)
     assert shares[2] == {0: 3, 1: 1}, shares  # node 1's reply to round 2 declared heads=1
+
+
+def test_heads_that_wait_for_room_are_not_counted_as_trained_and_a_fleet_that_holds_too_few_is_refused(tmp_path):
+    """`samples` counted every head every round, sent or not: two nodes of one head each and four
+    heads reported twice the samples trained. A simulated fleet whose memory holds fewer heads
+    than the run has ran every round with the rest waiting."""
+    import dataclasses
+
+    from flwr.app import ConfigRecord
+
+    s = spec(lte={"heads": 4, "merge_every": 2}, train={"batch_size": 8, "steps": 4},
+             run={"engine": "flower", "out": str(tmp_path / "run")})
+    grid = _TwoNodes(s, tmp_path)
+    for node, info in grid.strategy.partitions.info.items():
+        grid.strategy.partitions.info[node] = dataclasses.replace(info, heads=1)
+    msgs = list(grid.strategy.configure_train(1, None, ConfigRecord(), grid))
+    assert sum(len(m.content["config"]["heads"]) for m in msgs) == 2
+    assert grid.strategy.skipped_samples == 2 * 2 * (8 // 4)  # 2 heads waited, 2 steps of 2 samples each
+
+    s = spec(lte={"heads": 4}, run={"engine": "flower", "out": str(tmp_path / "run2"),
+                                    "fleet": "memory-gb=0.00001;memory-gb=0.00001"})
+    fleet = _TwoNodes(s, tmp_path)
+    with pytest.raises(SpecError, match="run.fleet: its nodes hold 0 head"):
+        fleet.strategy.wait_for_workers(fleet, 5.0)
