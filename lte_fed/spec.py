@@ -518,7 +518,7 @@ def validate(s: Spec) -> Spec:
     _need(s.run.round_deadline >= 0, "run.round_deadline", f"must be >= 0 (0: none), got {s.run.round_deadline!r}")
     if s.run.fault:
         kind, *rest = str(s.run.fault).split(":")
-        slow = kind.startswith("slow") and _is_number(kind[4:]) and float(kind[4:]) > 0
+        slow = kind.startswith("slow") and _is_number(kind[4:]) and 0 < float(kind[4:]) < math.inf
         who = rest[0] if rest else ""
         _need((kind in ("raise", "nan", "shape", "hang") or slow) and len(rest) == 2
               and (who.isdigit() or slow and who.startswith("node") and who[4:].isdigit())
@@ -527,6 +527,7 @@ def validate(s: Spec) -> Spec:
               "(slow may take HEAD node<partition-id> and ROUND *)")
         _need(not who.isdigit() or int(who) < s.heads, "run.fault",
               f"head {who} does not exist (heads 0..{s.heads - 1}): the fault would never happen")
+        _need(not rest[1].isdigit() or int(rest[1]) >= 1, "run.fault", "rounds count from 1: round 0 never happens")
     if s.data.name == "imagefolder":
         _need(bool(s.data.root), "data.root", "data.name=imagefolder needs data.root=<folder with one subfolder per class>")
     return s

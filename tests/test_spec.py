@@ -102,6 +102,8 @@ def test_null_lr_is_the_methods_default_and_a_given_lr_wins():
     ({"run": {"fault": "slow5:nodeX:*"}}, "run.fault"),
     ({"run": {"fault": "slow5:node1"}}, "run.fault"),
     ({"run": {"fault": "hang:1:*"}}, "run.fault"),
+    ({"run": {"fault": "slowinf:0:1"}}, "run.fault"),  # time.sleep(inf) would raise, not slow down
+    ({"run": {"fault": "slow5:0:0"}}, "run.fault: rounds count from 1"),
     ({"run": {"fault": "raise:2:1"}}, "run.fault: head 2 does not exist"),  # the default lte.heads is 2
     # Flower's ServerApp ran method=full as one LoRA head of rank lte.rank, reported as "full"
     ({"method": "full", "run": {"engine": "flower"}}, "run.engine: method=full trains the whole model in one process"),
