@@ -74,8 +74,10 @@ def run_flower(spec: Spec, out: str | Path) -> dict:
     reported = _reported_error(log_path, log_start)
     if reported:
         raise ReportedError(reported)
-    raise RuntimeError(f"the Flower run ended without a summary in {rundir.path} (exit status "
-                       f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
+    # Flower or Ray failed to start (Ray's object store under a memory limit, say), or the ServerApp
+    # died: what its log says is the report; our own stack down to here would add nothing
+    raise ReportedError(f"the Flower run ended without a summary in {rundir.path} (exit status "
+                        f"{launcher.returncode}): see {log_path}{_last_traceback(log_path)}")
 
 
 def absolute_paths(spec: Spec, out: str | Path) -> Spec:
