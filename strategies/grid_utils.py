@@ -230,9 +230,7 @@ class PartitionMap:
         now, old = P.declared(metrics), self.info.get(node)
         if now is None or old is None or now == _declaration(old):
             return
-        if not self.take(NodeInfo(node, *now, idle_rss_mib=old.idle_rss_mib)):
-            self.info.pop(node, None)  # left out: no head goes there until it is taken again
-            self.known.discard(node)
+        self.take(NodeInfo(node, *now, idle_rss_mib=old.idle_rss_mib))
 
     def ask_again(self, node: int) -> None:
         """Ask `node` what it declares at the next `discover`: its message failed, perhaps for
@@ -240,9 +238,15 @@ class PartitionMap:
         self.known.discard(node)
 
     def _refuse(self, node: int, why: str) -> None:
+        """Leave `node` out (no head goes there, what it declared before is forgotten) until it
+        is asked again, after REASK_S."""
         if self.refused.get(node, (0.0, ""))[1] != why:
             log.error("node %d is left out of the run: %s (asked again every %.0f s)", node, why, REASK_S)
         self.refused[node] = (time.monotonic(), why)
+        self.info.pop(node, None)
+        self.known.discard(node)
+        for partition in [p for p, n in self.node_of.items() if n == node]:
+            del self.node_of[partition]
 
     def add(self, info: NodeInfo) -> None:
         """Record a node's answer (`discover` does this for every new node)."""

@@ -278,3 +278,16 @@ def test_a_node_restarted_with_another_node_config_is_placed_by_what_its_replies
     nodes.add(NodeInfo(8, 1))
     nodes.ask_again(8)  # its message failed: the next discover asks it what it declares now
     assert 8 not in nodes.known and nodes.info[8] == NodeInfo(8, 1)
+
+
+def test_a_node_asked_again_whose_node_config_went_bad_gets_no_more_heads(server, caplog):
+    """A node whose message failed is asked again; if its QUERY now fails (a bad node config
+    after a restart), what it declared before must not keep placing heads there."""
+    from lte_fed.placement import NodeInfo
+    from strategies.grid_utils import PartitionMap
+
+    nodes = PartitionMap(check=server._check_node)
+    nodes.add(NodeInfo(7, 0, heads=2))
+    nodes.ask_again(7)
+    nodes._refuse(7, "node config partition-id='one' is not a number")  # what discover does with its error
+    assert 7 not in nodes.info and nodes.node_of == {} and nodes.nodes({7}) == []
