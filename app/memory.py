@@ -55,7 +55,7 @@ def _check(ap: argparse.ArgumentParser, args) -> None:
             ap.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     language = is_language_model(args.model)
     given = {a for a in ("img_size", "patch_size", "classes", "channels", "vocab", "block_size")
-             if getattr(args, a) != _parser().get_default(a)}
+             if getattr(args, a) != ap.get_default(a)}
     wrong = given & ({"img_size", "patch_size", "classes", "channels"} if language else {"vocab", "block_size"})
     if wrong:
         flag = "--" + sorted(wrong)[0].replace("_", "-")
@@ -81,7 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     _check(ap, args)
     from lte_fed.lte import LTEConfig
     from lte_fed.memory import analyse, estimate_full, estimate_lte, family_of, largest_fitting
-
     from lte_fed.models import is_language_model
 
     language = is_language_model(args.model)

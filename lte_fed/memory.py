@@ -126,10 +126,15 @@ def _build_meta(name: str, img_size: int, num_classes: int, patch_size: int | No
     return build_model(name, num_classes=num_classes, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
 
 
+def _gpt_config(model: nn.Module):
+    """An lte_fed.gpt model's GPTConfig, None for any other model."""
+    return model.cfg if hasattr(model, "wte") and hasattr(model, "cfg") else None
+
+
 def _geometry(model: nn.Module) -> tuple[int, int, int]:
     """(tokens, width, depth) of the residual stream, read off the known architectures."""
-    if hasattr(model, "wte") and hasattr(model, "cfg"):  # lte_fed.gpt: a window of block_size tokens
-        return model.cfg.block_size, model.cfg.n_embd, model.cfg.n_layer
+    if gpt := _gpt_config(model):  # a window of block_size tokens
+        return gpt.block_size, gpt.n_embd, gpt.n_layer
     if hasattr(model, "blocks") and hasattr(model, "patch_embed"):  # timm ViT
         return model.patch_embed.num_patches + model.num_prefix_tokens, model.embed_dim, len(model.blocks)
     if hasattr(model, "blocks") and hasattr(model, "stem"):  # timm Mixer
@@ -158,8 +163,8 @@ def analyse(name: str, img_size: int = 224, num_classes: int = 100, patch_size: 
         p = plan(model, keep_norm_affine)
     linears = tuple(tuple(model.get_submodule(n).weight.shape) for n in p.lora)
     replicas = sum(math.prod(s) for s in p.replicas.values())
-    vocab = model.cfg.vocab_size if hasattr(model, "wte") and hasattr(model, "cfg") else 0
-    return ModelShape(name, linears, replicas, full, tokens, width, depth, vocab)
+    gpt = _gpt_config(model)
+    return ModelShape(name, linears, replicas, full, tokens, width, depth, gpt.vocab_size if gpt else 0)
 
 
 def job_shape(job, keep_norm_affine: bool = False) -> ModelShape:

@@ -245,6 +245,10 @@ class PartitionMap:
         self.refused[node] = (time.monotonic(), why)
         self.info.pop(node, None)
         self.known.discard(node)
+        self._unmap(node)
+
+    def _unmap(self, node: int) -> None:
+        """Forget which partition-id `node` declared."""
         for partition in [p for p, n in self.node_of.items() if n == node]:
             del self.node_of[partition]
 
@@ -255,8 +259,7 @@ class PartitionMap:
             log.warning("node %d declares partition-id %d, as node %d did: the placement and summary.json name nodes "
                         "by partition-id and cannot tell them apart; give each node its own", info.node,
                         info.partition, other)
-        for partition in [p for p, n in self.node_of.items() if n == info.node and p != info.partition]:
-            del self.node_of[partition]  # it declared another partition-id before
+        self._unmap(info.node)  # it may have declared another partition-id before
         self.node_of[info.partition] = info.node
         self.info[info.node] = info
         self.known.add(info.node)
